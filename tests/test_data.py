@@ -1,0 +1,163 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import full_finetune
+from config import FinetuneError, FullFinetuneConfig
+from conftest import make_rows
+from full_finetune import BuyerIntentDataset, PadToLongest, ShuffledBatches, encode_labels, load_data, stratified_split
+
+TEXTS = ["hi", "where is my parcel, it should have arrived on monday", "price of the blue sofa?"]
+
+
+def test_dataset_tokenises_once_and_pads_each_batch_to_its_longest(tokenizer):
+    dataset = BuyerIntentDataset(TEXTS, [0, 1, 2], tokenizer, max_length=64)
+    assert dataset.lengths == [len(tokenizer(t)["input_ids"]) for t in TEXTS]
+    loader = DataLoader(dataset, batch_size=2, collate_fn=PadToLongest(tokenizer.pad_token_id))
+    first, second = list(loader)
+    assert first["input_ids"].shape == (2, max(dataset.lengths[:2]))  # not 64
+    assert second["input_ids"].shape == (1, dataset.lengths[2])
+    assert first["attention_mask"][0].sum() == dataset.lengths[0]
+    assert (first["input_ids"][0, dataset.lengths[0]:] == tokenizer.pad_token_id).all()
+    assert first["labels"].tolist() == [0, 1]
+
+
+def test_dataset_truncates_to_max_length_and_counts_it(tokenizer):
+    dataset = BuyerIntentDataset(["word " * 100, "short"], [0, 1], tokenizer, max_length=16)
+    assert max(dataset.lengths) == 16
+    assert dataset.num_at_max_length == 1
+
+
+def test_dataset_can_be_subclassed_as_in_the_design_document(tokenizer):
+    class WithLength(BuyerIntentDataset):
+        def __init__(self, texts, labels, tokenizer, max_length=512):
+            super().__init__(texts, labels, tokenizer, max_length)
+
+        def __getitem__(self, idx):
+            item = super().__getitem__(idx)
+            item["n_chars"] = len(self.texts[idx])
+            return item
+
+    item = WithLength(TEXTS, [0, 1, 2], tokenizer)[1]
+    assert item["n_chars"] == len(TEXTS[1]) and item["labels"] == 1
+
+
+def test_dataset_without_labels_yields_no_labels(tokenizer):
+    assert "labels" not in BuyerIntentDataset(TEXTS, None, tokenizer)[0]
+
+
+def test_labels_are_encoded_in_sorted_order():
+    names, ids = encode_labels(["b", "a", "c", "a"])
+    assert names == ["a", "b", "c"] and ids == [1, 0, 2, 0]
+    names, ids = encode_labels([10, 2, 2])
+    assert names == ["2", "10"] and ids == [1, 0, 0]
+
+
+def test_stratified_split_is_disjoint_complete_and_keeps_proportions():
+    labels = np.repeat([0, 1, 2], [100, 50, 30])
+    train, val, test = stratified_split(labels, 0.8, 0.1, seed=1, label_names=["a", "b", "c"])
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
+    assert (len(train), len(val), len(test)) == (144, 18, 18)
+    for part, size in ((train, 144), (val, 18), (test, 18)):
+        shares = np.bincount(labels[part], minlength=3) / size
+        assert np.allclose(shares, [100 / 180, 50 / 180, 30 / 180], atol=0.06)
+    again = stratified_split(labels, 0.8, 0.1, seed=1, label_names=["a", "b", "c"])
+    assert all((x == y).all() for x, y in zip((train, val, test), again, strict=True))
+
+
+def test_a_class_too_small_to_split_is_named():
+    labels = np.repeat([0, 1], [50, 4])
+    with pytest.raises(FinetuneError, match="'rare' \\(4\\)"):
+        stratified_split(labels, 0.8, 0.1, seed=0, label_names=["common", "rare"])
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_batches_cover_every_row_exactly_once_per_epoch(grouped):
+    lengths = list(np.random.default_rng(0).integers(3, 60, size=1001))
+    sampler = ShuffledBatches(lengths, batch_size=32, seed=0, group_by_length=grouped, pool_batches=4)
+    epochs = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 32
+        assert sum(len(b) == 32 for b in batches) == 31
+        rows = [i for batch in batches for i in batch]
+        assert sorted(rows) == list(range(1001))
+        epochs.append(rows)
+    assert epochs[0] != epochs[1]
+
+
+def test_grouped_batches_pad_far_less_than_random_ones():
+    lengths = list(np.random.default_rng(0).integers(3, 120, size=2000))
+
+    def padded_tokens(grouped):
+        sampler = ShuffledBatches(lengths, 32, seed=0, group_by_length=grouped)
+        return sum(max(lengths[i] for i in b) * len(b) for b in sampler)
+
+    assert padded_tokens(True) < 0.7 * padded_tokens(False)
+
+
+def test_load_data_reads_splits_and_drops_rows_without_text(tmp_path, capsys):
+    frame = make_rows(30)
+    frame.loc[0, "text"] = "   "
+    frame.loc[1, "text"] = None
+    path = tmp_path / "train.csv"
+    frame.to_csv(path, index=False)
+    config = FullFinetuneConfig()
+    config.DATA_PATH = str(path)
+    data = load_data(config)
+    assert data.label_names == ["delivery", "price", "refund"]
+    assert len(data.train.texts) + len(data.val.texts) + len(data.test.texts) == 88
+    assert "dropped 2 rows with empty text" in capsys.readouterr().out
+
+
+def write(path, content, encoding="utf-8"):
+    path.write_bytes(content.encode(encoding) if isinstance(content, str) else content)
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("", "is empty"),
+    ("text,label\n", "no data rows"),
+    ("review,sentiment\nnice,pos\n", "'text' or 'label'.*'review', 'sentiment'.*TEXT_COLUMN"),
+    ("text;label\nhello;a\n", "columns found are 'text;label'"),
+    (b"text,label\ncaf\xe9 ok,a\n", "not UTF-8"),
+    ("text,label\nhello,a\nbye,a\nagain,a\n", "single label"),
+])
+def test_bad_training_files_fail_with_one_sentence(tmp_path, content, message):
+    path = tmp_path / "train.csv"
+    if content is not None:
+        write(path, content)
+    config = FullFinetuneConfig()
+    config.DATA_PATH = str(path)
+    with pytest.raises(FinetuneError, match=message):
+        load_data(config)
+
+
+def test_bad_file_on_the_command_line_exits_2_without_traceback(tmp_path, capsys):
+    code = full_finetune.main(["--data", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "does not exist" in err
+
+
+def test_collator_pads_roberta_style_ids_with_the_tokenizers_pad_id():
+    batch = PadToLongest(pad_token_id=1)([{"input_ids": [0, 5, 2], "attention_mask": [1, 1, 1]},
+                                          {"input_ids": [0, 2], "attention_mask": [1, 1]}])
+    assert batch["input_ids"].tolist() == [[0, 5, 2], [0, 2, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["input_ids"].dtype == torch.long and "labels" not in batch
+
+
+def test_integer_labels_with_gaps_keep_integer_names(tmp_path):
+    frame = make_rows(30)
+    frame["label"] = frame["label"].map({"delivery": 3, "price": 7, "refund": 11})
+    frame.loc[5, "label"] = None
+    path = tmp_path / "train.csv"
+    frame.to_csv(path, index=False)
+    config = FullFinetuneConfig()
+    config.DATA_PATH = str(path)
+    assert load_data(config).label_names == ["3", "7", "11"]
+    assert pd.read_csv(path)["label"].dtype == float  # the case handled: NaN made them floats
