@@ -34,7 +34,7 @@ class FullFinetuneConfig:
     EPOCHS = 10
     BATCH_SIZE = 32
     EVAL_BATCH_SIZE = 128
-    LEARNING_RATE = 1e-4
+    LEARNING_RATE = 2e-4  # suits the default MiniLM; BERT-base-sized models want 2e-5 (see the presets)
     WEIGHT_DECAY = 0.01  # not applied to biases and LayerNorm weights
     WARMUP_RATIO = 0.1  # share of all optimizer steps spent warming up linearly from 0
     SCHEDULER = "linear"  # decay after warm-up: "linear" or "cosine", both to 0
@@ -108,7 +108,7 @@ class ModelConfigs:
     PRESETS = {
         # The offline default: a 22M-parameter, 6-layer MiniLM sentence encoder. Small models
         # want a higher learning rate than BERT-base.
-        "minilm": dict(MODEL_NAME="sentence-transformers/all-MiniLM-L6-v2", LEARNING_RATE=1e-4,
+        "minilm": dict(MODEL_NAME="sentence-transformers/all-MiniLM-L6-v2", LEARNING_RATE=2e-4,
                        BATCH_SIZE=32, MAX_LENGTH=128, EPOCHS=10),
         "bert_base": dict(MODEL_NAME="bert-base-uncased", LEARNING_RATE=2e-5, BATCH_SIZE=16,
                           MAX_LENGTH=256, EPOCHS=4, WARMUP_RATIO=0.1),

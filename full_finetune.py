@@ -570,7 +570,7 @@ class Trainer:
         seen = 0
         bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), total=steps_per_epoch,
                    desc=f"epoch {epoch}/{config.EPOCHS}", leave=False, dynamic_ncols=True,
-                   disable=not self.progress)
+                   disable=None if self.progress else True)  # None: off when not a terminal
         for step, window in enumerate(bar, 1):
             # Dividing the summed loss by the window's samples makes the accumulated gradient
             # that of one batch of all of them, whatever the micro-batch sizes.

@@ -117,3 +117,19 @@ def test_an_unreachable_hub_model_fails_with_one_sentence(monkeypatch):
 def test_the_packaged_model_name_resolves_to_a_local_folder():
     source = full_finetune.resolve_model_source("sentence-transformers/all-MiniLM-L6-v2")
     assert (full_finetune.Path(source) / "config.json").is_file()
+
+
+def test_plots_are_written_and_the_confusion_matrix_grows_with_80_classes(tmp_path):
+    from PIL import Image
+
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_accuracy": 0.5 + e / 10,
+                "val_accuracy": 0.4 + e / 10, "val_macro_f1": 0.35 + e / 10} for e in (1, 2, 3)]
+    full_finetune.plot_training_curves(history, tmp_path / "curves.png", best_epoch=2)
+    assert Image.open(tmp_path / "curves.png").size[0] > 600
+    sizes = {}
+    for n in (5, 80):
+        names = [f"intent_number_{i}" for i in range(n)]
+        matrix = torch.eye(n, dtype=torch.long).mul(9).add(1).tolist()
+        full_finetune.plot_confusion_matrix(matrix, names, tmp_path / f"cm{n}.png")
+        sizes[n] = Image.open(tmp_path / f"cm{n}.png").size
+    assert sizes[80][0] > 2 * sizes[5][0]  # room for 80 legible tick labels
