@@ -710,13 +710,13 @@ def plot_confusion_matrix(matrix, label_names, path):
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     n = len(label_names)
     side = max(6.0, 0.22 * n + 3)
-    font = max(4.0, min(10.0, 360 / n))
+    font = 10 if n <= 20 else 7  # a row is 0.22 inch (16 points) tall at any size: 7-point text fits
     figure = new_figure(side + 1.5, side)
     ax = figure.subplots()
     sns.heatmap(normalised, ax=ax, vmin=0, vmax=1, cmap="Blues", square=True,
                 annot=n <= 20, fmt=".2f", annot_kws={"size": font},
                 xticklabels=label_names, yticklabels=label_names,
-                cbar_kws={"label": "share of the true class"})
+                cbar_kws={"label": "share of the true class", "shrink": 0.5})
     ax.tick_params(labelsize=font)
     ax.set_xticklabels(ax.get_xticklabels(), rotation=90)
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
