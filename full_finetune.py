@@ -181,6 +181,10 @@ def read_csv_checked(path, columns, setting_hint):
     except pd.errors.ParserError as err:
         raise FinetuneError(f"{path} is not a readable CSV file: {str(err).strip()}") from None
     missing = [column for column in columns if column not in frame.columns]
+    other_separator = next((sep for sep in (";", "\t", "|") if sep in str(frame.columns[0])), None)
+    if missing and len(frame.columns) == 1 and other_separator:
+        raise FinetuneError(f"{path} looks separated by {other_separator!r} rather than commas (its header "
+                            f"is {frame.columns[0]!r}); save it as a comma-separated CSV.")
     if missing:
         raise FinetuneError(
             f"{path} has no column {' or '.join(map(repr, missing))}; the columns found are "
@@ -206,7 +210,22 @@ def read_training_data(path, text_column, label_column):
     labels = frame[label_column]
     if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
         labels = labels.astype(int)  # integer labels read as floats because some were missing
+    report_duplicates(frame[text_column], labels, path)
     return frame[text_column].tolist(), labels.tolist()
+
+
+def report_duplicates(texts, labels, path):
+    """Say how many rows repeat exactly, and how many texts carry more than one label: both are
+    kept (the data is the user's), but they inflate or cap the scores a model can reach."""
+    pairs = pd.DataFrame({"text": texts.to_numpy(), "label": labels.to_numpy()})
+    repeated = int(pairs.duplicated().sum())
+    labels_per_text = pairs.drop_duplicates().groupby("text")["label"].nunique()
+    conflicting = labels_per_text[labels_per_text > 1]
+    if repeated:
+        print(f"note: {repeated} rows of {path} repeat an earlier row exactly (same text and label).")
+    if len(conflicting):
+        examples = "; ".join(repr(text[:60]) for text in conflicting.index[:3])
+        print(f"note: {len(conflicting)} texts of {path} appear with different labels, e.g. {examples}.")
 
 
 def encode_labels(raw_labels):
@@ -222,7 +241,7 @@ def stratified_split(label_ids, train_ratio, val_ratio, seed, label_names):
 
     label_ids = np.asarray(label_ids)
     # Every class must land at least once in the smallest split.
-    needed = math.ceil(1 / min(train_ratio, val_ratio, 1 - train_ratio - val_ratio))
+    needed = math.ceil(round(1 / min(train_ratio, val_ratio, 1 - train_ratio - val_ratio), 6))
     counts = np.bincount(label_ids, minlength=len(label_names))
     too_small = [f"{label_names[i]!r} ({counts[i]})" for i in np.flatnonzero(counts < needed)]
     if too_small:
@@ -538,6 +557,8 @@ class Trainer:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = (config if config is not None else FullFinetuneConfig()).copy()
         config.MODEL_NAME = str(model_dir)
+        if tokenizer.model_max_length <= 100_000:  # saved by us; tokenizers without one say 1e30
+            config.MAX_LENGTH = tokenizer.model_max_length
         return cls(config, model=model, tokenizer=tokenizer, progress=progress)
 
     def dataset(self, split_or_texts):
@@ -809,6 +830,9 @@ class Trainer:
 
     def save_pretrained(self, directory):
         """Model, tokenizer and label names in a folder that transformers.pipeline can load."""
+        # The tokenizer keeps MAX_LENGTH, so that predict and pipeline() truncate as training did.
+        self.tokenizer.model_max_length = self.config.MAX_LENGTH
+
         def write(tmp):
             with quiet_transformers():
                 self.model.save_pretrained(tmp)
@@ -968,10 +992,31 @@ def run_predict(model_dir, input_path, output_path, text_column="text", with_pro
         for i, name in enumerate(trainer.label_names):
             submission[f"prob_{name}"] = probabilities[:, i]
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(output_path, submission)
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(output_path, submission)
+    except OSError as err:
+        raise FinetuneError(f"Cannot write {output_path} ({err.strerror}); choose another --output.") from None
     print(f"Wrote {len(submission)} predictions of {model_dir} to {output_path}.")
     return submission
+
+
+def run_evaluate(model_dir, input_path, text_column="text", label_column="label", output_path=None,
+                 config=None):
+    """Score a saved model on a labelled CSV; labels it was not trained on are refused."""
+    trainer = Trainer.from_pretrained(model_dir, config, progress=False)
+    texts, raw_labels = read_training_data(input_path, text_column, label_column)
+    known = {name: i for i, name in enumerate(trainer.label_names)}
+    unseen = sorted({str(label) for label in raw_labels} - set(known))
+    if unseen:
+        raise FinetuneError(f"{input_path} has labels the model never saw ({', '.join(map(repr, unseen[:10]))}); "
+                            f"it knows {', '.join(map(repr, trainer.label_names))}.")
+    metrics = trainer.evaluate(trainer.dataset(Split(texts, [known[str(label)] for label in raw_labels])))
+    print(f"{len(texts)} rows of {input_path}: accuracy {metrics['accuracy']:.4f}, macro F1 "
+          f"{metrics['macro_f1']:.4f}, weighted F1 {metrics['weighted_f1']:.4f}.")
+    if output_path is not None:
+        write_json(output_path, metrics)
+    return metrics
 
 
 # Command-line flag -> config attribute it overrides, its type, and what it means.
@@ -1005,7 +1050,8 @@ def build_train_parser():
         prog="full_finetune.py",
         description="Fine-tune every parameter of a BERT-family classifier on a text,label CSV. "
                     "Settings come from config.py; each flag overrides one of them for this run.",
-        epilog="Predict with a trained model: python full_finetune.py predict --help")
+        epilog="Other commands: python full_finetune.py predict --help (label a test file), "
+               "python full_finetune.py evaluate --help (score a saved model on a labelled file)")
     parser.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
                         help="start from a named preset of config.py instead of FullFinetuneConfig")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
@@ -1031,6 +1077,19 @@ def build_predict_parser():
     return parser
 
 
+def build_evaluate_parser():
+    parser = argparse.ArgumentParser(
+        prog="full_finetune.py evaluate",
+        description="Score a saved model on a labelled CSV (accuracy, F1, per-class report).")
+    parser.add_argument("--model-dir", required=True, help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME})")
+    parser.add_argument("--input", required=True, help="CSV with a text and a label column")
+    parser.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
+    parser.add_argument("--label-column", default=FullFinetuneConfig.LABEL_COLUMN, help="default: %(default)s")
+    parser.add_argument("--output", help="also write the metrics to this JSON file")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
 def config_from_args(args):
     config = ModelConfigs.get_config(args.preset) if args.preset else FullFinetuneConfig()
     for _, attribute, _, _ in TRAIN_FLAGS:
@@ -1046,6 +1105,9 @@ def main(argv=None):
         if argv[:1] == ["predict"]:
             args = build_predict_parser().parse_args(argv[1:])
             run_predict(args.model_dir, args.input, args.output, args.text_column, args.probabilities)
+        elif argv[:1] == ["evaluate"]:
+            args = build_evaluate_parser().parse_args(argv[1:])
+            run_evaluate(args.model_dir, args.input, args.text_column, args.label_column, args.output)
         else:
             args = build_train_parser().parse_args(argv)
             run_training(config_from_args(args), resume=args.resume)
@@ -1056,6 +1118,12 @@ def main(argv=None):
         if "--debug" in argv:
             raise
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        if "--debug" in argv:
+            raise
+        print("error: out of memory; lower BATCH_SIZE (keeping the effective batch with "
+              "GRADIENT_ACCUMULATION_STEPS), EVAL_BATCH_SIZE or MAX_LENGTH.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

@@ -67,6 +67,12 @@ def test_stratified_split_is_disjoint_complete_and_keeps_proportions():
     assert all((x == y).all() for x, y in zip((train, val, test), again, strict=True))
 
 
+def test_ten_rows_per_class_are_enough_for_an_80_10_10_split():
+    labels = np.repeat([0, 1], [50, 10])
+    train, val, test = stratified_split(labels, 0.8, 0.1, seed=0, label_names=["common", "rare"])
+    assert all(1 in labels[part] for part in (train, val, test))
+
+
 def test_a_class_too_small_to_split_is_named():
     labels = np.repeat([0, 1], [50, 4])
     with pytest.raises(FinetuneError, match="'rare' \\(4\\)"):
@@ -123,7 +129,9 @@ def write(path, content, encoding="utf-8"):
     ("", "is empty"),
     ("text,label\n", "no data rows"),
     ("review,sentiment\nnice,pos\n", "'text' or 'label'.*'review', 'sentiment'.*TEXT_COLUMN"),
-    ("text;label\nhello;a\n", "columns found are 'text;label'"),
+    ("text;label\nhello;a\n", "separated by ';'"),
+    ("text\tlabel\nhello\ta\n", "separated by '\\\\t'"),
+    ("text,label\n  ,a\n,b\n", "no row with both a text and a label"),
     (b"text,label\ncaf\xe9 ok,a\n", "not UTF-8"),
     ("text,label\nhello,a\nbye,a\nagain,a\n", "single label"),
 ])
@@ -161,3 +169,29 @@ def test_integer_labels_with_gaps_keep_integer_names(tmp_path):
     config.DATA_PATH = str(path)
     assert load_data(config).label_names == ["3", "7", "11"]
     assert pd.read_csv(path)["label"].dtype == float  # the case handled: NaN made them floats
+
+
+def test_duplicates_and_conflicting_labels_are_reported(tmp_path, capsys):
+    frame = make_rows(30)
+    extra = pd.DataFrame({"text": [frame.text[0], frame.text[1]],
+                          "label": [frame.label[0], "price" if frame.label[1] != "price" else "refund"]})
+    path = tmp_path / "train.csv"
+    pd.concat([frame, extra]).to_csv(path, index=False)
+    config = FullFinetuneConfig()
+    config.DATA_PATH = str(path)
+    load_data(config)
+    out = capsys.readouterr().out
+    assert "1 rows of" in out and "repeat an earlier row" in out
+    assert "1 texts of" in out and "different labels" in out
+
+
+def test_rows_without_a_label_are_dropped_and_counted(tmp_path, capsys):
+    frame = make_rows(30)
+    frame.loc[[3, 4, 5], "label"] = None
+    path = tmp_path / "train.csv"
+    frame.to_csv(path, index=False)
+    config = FullFinetuneConfig()
+    config.DATA_PATH = str(path)
+    data = load_data(config)
+    assert sum(len(s.texts) for s in (data.train, data.val, data.test)) == 87
+    assert "3 more with no label" in capsys.readouterr().out

@@ -45,6 +45,7 @@ def test_label_names_survive_save_reload_and_pipeline(trained_run):
     folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
     reloaded = Trainer.from_pretrained(folder, progress=False)
     assert reloaded.label_names == ["delivery", "price", "refund"]
+    assert reloaded.config.MAX_LENGTH == 32  # predicts with the length it was trained with
     names, probabilities = reloaded.predict(["where is my parcel", "refund my money"])
     assert set(names) <= {"delivery", "price", "refund"}
     assert probabilities.shape == (2, 3) and probabilities.sum(1) == pytest.approx([1, 1], abs=1e-5)
@@ -87,6 +88,16 @@ def test_predict_without_a_text_column_says_so(trained_run, tmp_path, capsys):
     pd.DataFrame({"id": [1], "body": ["x"]}).to_csv(tmp_path / "t.csv", index=False)
     code = full_finetune.main(["predict", "--model-dir", str(folder), "--input", str(tmp_path / "t.csv")])
     assert code == 2 and "no column 'text'" in capsys.readouterr().err
+
+
+def test_predict_to_an_unwritable_path_says_so(trained_run, tmp_path, capsys):
+    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
+    pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "t.csv", index=False)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    code = full_finetune.main(["predict", "--model-dir", str(folder), "--input", str(tmp_path / "t.csv"),
+                               "--output", str(tmp_path / "blocker" / "sub.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Cannot write" in err and "Traceback" not in err
 
 
 def test_a_failed_run_leaves_the_earlier_outputs_untouched(trained_run, capsys):
@@ -133,3 +144,27 @@ def test_plots_are_written_and_the_confusion_matrix_grows_with_80_classes(tmp_pa
         full_finetune.plot_confusion_matrix(matrix, names, tmp_path / f"cm{n}.png")
         sizes[n] = Image.open(tmp_path / f"cm{n}.png").size
     assert sizes[80][0] > 2 * sizes[5][0]  # room for 80 legible tick labels
+
+
+def test_evaluate_scores_a_labelled_file_and_refuses_unseen_labels(trained_run, tmp_path, capsys):
+    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
+    labelled = pd.DataFrame({"text": ["where is my parcel", "refund please", "price?"],
+                             "label": ["delivery", "refund", "price"]})
+    labelled.to_csv(tmp_path / "eval.csv", index=False)
+    code = full_finetune.main(["evaluate", "--model-dir", str(folder), "--input", str(tmp_path / "eval.csv"),
+                               "--output", str(tmp_path / "m.json")])
+    assert code == 0 and "3 rows of" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "m.json").read_text())["confusion_matrix"]) == 3
+    labelled.loc[3] = ["is it any good", "review"]
+    labelled.to_csv(tmp_path / "eval.csv", index=False)
+    code = full_finetune.main(["evaluate", "--model-dir", str(folder), "--input", str(tmp_path / "eval.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "never saw ('review')" in err
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics(tiny_config, tmp_path):
+    results = []
+    for name in ("first", "second"):
+        tiny_config.OUTPUT_DIR = str(tmp_path / name)
+        results.append(full_finetune.run_training(tiny_config))
+    assert json.dumps(results[0], sort_keys=True) == json.dumps(results[1], sort_keys=True)
