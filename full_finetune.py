@@ -34,6 +34,7 @@ Importing this module has no side effects; `main(argv)` is the only place that p
 
 import argparse
 import contextlib
+import datetime
 import itertools
 import json
 import math
@@ -85,7 +86,9 @@ def seed_everything(seed):
 
 def choose_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Under torchrun each process drives the GPU of its local rank.
+        cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+        return cuda or torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FinetuneError(f"DEVICE is {name!r} but this machine has no CUDA GPU; use 'auto' or 'cpu'.")
@@ -118,6 +121,40 @@ def autocast_context(precision, device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def init_distributed():
+    """Join the process group when launched by torchrun (which sets LOCAL_RANK): nccl on CUDA,
+    one GPU per local rank, gloo on CPU. Only rank 0 prints. A plain `python full_finetune.py`
+    sets nothing up and stays one process."""
+    import torch.distributed as dist
+
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # A rank that dies makes torchrun stop the others; the timeout bounds any other wait.
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=datetime.timedelta(minutes=10))
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def distributed_rank_and_size():
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_objects(item, world_size):
+    """Every rank's `item`, in rank order, on every rank (just [item] in a single process)."""
+    if world_size == 1:
+        return [item]
+    import torch.distributed as dist
+
+    items = [None] * world_size
+    dist.all_gather_object(items, item)
+    return items
 
 
 def write_atomically(path, write):
@@ -348,14 +385,21 @@ class ShuffledBatches(torch.utils.data.Sampler):
     pool is sorted by length and cut into batches, and the batches are shuffled: rows in a batch
     have similar lengths (little padding) while which rows meet, and the batch order, stay random.
     Without it, the shuffled rows are simply cut into batches. Seeded by `seed` and the epoch.
+
+    With several processes (`world_size` > 1) every rank builds the same batches and takes every
+    world_size-th one from its `rank`: disjoint shards of each epoch. When the batches do not divide
+    evenly, the first ones are repeated to fill the last round, since every rank must take the same
+    number of steps.
     """
 
-    def __init__(self, lengths, batch_size, seed, group_by_length=True, pool_batches=50):
+    def __init__(self, lengths, batch_size, seed, group_by_length=True, pool_batches=50, rank=0,
+                 world_size=1):
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
         self.pool_size = batch_size * pool_batches
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
@@ -363,10 +407,14 @@ class ShuffledBatches(torch.utils.data.Sampler):
         self.epoch, self.skip = epoch, skip
 
     def __len__(self):
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.world_size)
 
     def __iter__(self):
-        return itertools.islice(self._epoch_batches(), self.skip, None)
+        batches = self._epoch_batches()
+        if self.world_size > 1:
+            batches += batches[:len(self) * self.world_size - len(batches)]
+            batches = batches[self.rank::self.world_size]
+        return itertools.islice(batches, self.skip, None)
 
     def _epoch_batches(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -500,7 +548,10 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def check_resumable(checkpoint, config, label_names):
+def check_resumable(checkpoint, config, label_names, world_size=1):
+    if checkpoint["world_size"] != world_size:
+        raise FinetuneError(f"Cannot resume: the run had {checkpoint['world_size']} processes and this one "
+                            f"has {world_size}; launch it as it was launched.")
     saved = checkpoint["config"]
     for name in RESUME_MUST_MATCH:
         if saved.get(name) != getattr(config, name):
@@ -540,7 +591,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self.collate = PadToLongest(tokenizer.pad_token_id)
         self.autocast = autocast_context(self.precision, self.device)
-        self.progress = progress
+        self.rank, self.world_size = distributed_rank_and_size()
+        self.progress = progress and self.rank == 0
         self.history = []
         self.best_epoch = None
         self._stop_requested = False
@@ -583,7 +635,15 @@ class Trainer:
         """
         config = self.config
         self.sampler = ShuffledBatches(train_dataset.lengths, config.BATCH_SIZE, config.SEED,
-                                       config.GROUP_BY_LENGTH)
+                                       config.GROUP_BY_LENGTH, rank=self.rank, world_size=self.world_size)
+        # DDP averages the gradients of all processes during backward; a single process trains
+        # the model itself.
+        self.train_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # The loader gets its own generator so that it never draws from the global RNG: that
         # stream then drives only dropout, and a restored checkpoint replays it exactly.
         loader = DataLoader(train_dataset, batch_sampler=self.sampler, collate_fn=self.collate,
@@ -602,9 +662,12 @@ class Trainer:
             self._restore(checkpoint)
             print(f"Resuming at epoch {self.epoch}, optimizer step {self.scheduler.last_epoch} "
                   f"of {total_steps}.")
+        processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
         print(f"Training {len(train_dataset)} rows for up to {config.EPOCHS} epochs: "
               f"{steps_per_epoch} optimizer steps per epoch, effective batch "
-              f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS}, peak lr {config.LEARNING_RATE:g}.")
+              f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * self.world_size} "
+              f"({config.BATCH_SIZE} x {config.GRADIENT_ACCUMULATION_STEPS} accumulated{processes}), "
+              f"peak lr {config.LEARNING_RATE:g}.")
 
         with self._stop_on_signals():
             while self.epoch <= config.EPOCHS and not self._patience_exhausted():
@@ -639,13 +702,16 @@ class Trainer:
             # Dividing the summed loss by the window's samples makes the accumulated gradient
             # that of one batch of all of them, whatever the micro-batch sizes.
             window_samples = sum(len(batch["labels"]) for batch in window)
-            for batch in window:
+            for i, batch in enumerate(window, 1):
                 batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
                 labels = batch.pop("labels")
-                with self.autocast:
-                    logits = self.model(**batch).logits
-                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-                self.scaler.scale(loss / window_samples).backward()
+                # Across processes, gradients are all-reduced once per window, on its last micro-batch.
+                sync = i == len(window) or self.world_size == 1
+                with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                    with self.autocast:
+                        logits = self.train_model(**batch).logits
+                    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+                    self.scaler.scale(loss / window_samples).backward()
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == labels).sum()
             self._optimizer_step()
@@ -653,17 +719,25 @@ class Trainer:
             self.batches_done += len(window)
             self.epoch_sums = (loss_sum, correct, seen)
             save_every = config.SAVE_EVERY_STEPS
-            if self._stop_requested or (save_every and self.scheduler.last_epoch % save_every == 0):
+            stop = self._stop_agreed()
+            if stop or (save_every and self.scheduler.last_epoch % save_every == 0):
                 self.save_checkpoint()
-            if self._stop_requested:
+            if stop:
                 raise TrainingInterrupted(
                     f"Stopped in epoch {self.epoch} after optimizer step {self.scheduler.last_epoch}; "
-                    f"the checkpoint is {self.checkpoint_path}: continue with "
-                    f"python full_finetune.py --resume (same settings) or --resume {self.checkpoint_path}.")
+                    f"the checkpoint is {self.checkpoint_path}: continue by running the same command "
+                    f"with --resume added (or --resume {self.checkpoint_path}).")
             if self.progress and (step % 10 == 0 or step == steps_per_epoch):
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         self._check_finite(loss_sum)
         seconds = time.perf_counter() - started
+        if self.world_size > 1:  # the epoch's figures over every process's shard
+            import torch.distributed as dist
+
+            totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=self.device)])
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], totals[2].item()
+            seen_before *= self.world_size
         return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
                 "seconds": round(seconds, 2),
                 "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
@@ -723,6 +797,17 @@ class Trainer:
         """Ask fit to stop after the current optimizer step, with a checkpoint written."""
         self._stop_requested = True
 
+    def _stop_agreed(self):
+        """Whether any process was asked to stop: all must stop at the same step, or the others
+        would wait for it in their next all-reduce."""
+        if self.world_size == 1:
+            return self._stop_requested
+        import torch.distributed as dist
+
+        flag = torch.tensor(float(self._stop_requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     @contextlib.contextmanager
     def _stop_on_signals(self):
         """SIGINT/SIGTERM once: stop cleanly after this step; twice: stop at once."""
@@ -733,8 +818,9 @@ class Trainer:
         def handle(signum, frame):
             if self._stop_requested:
                 raise KeyboardInterrupt
-            print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-                  "(press Ctrl-C again to quit at once).", file=sys.stderr)
+            if self.rank == 0:
+                print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                      "(press Ctrl-C again to quit at once).", file=sys.stderr)
             self.request_stop()
 
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -750,19 +836,25 @@ class Trainer:
         loss_sum, correct, seen = self.epoch_sums
         self._check_finite(torch.as_tensor(loss_sum))
         numpy_state = np.random.get_state()
+        # What differs between processes (their dropout streams, their shard's running sums) is
+        # gathered from every rank; the rest is the same everywhere.
+        ranks = gather_objects({
+            "rng": {"python": random.getstate(),
+                    "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
+                              *numpy_state[2:]],
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "epoch_sums": [float(loss_sum), int(correct), int(seen)]}, self.world_size)
+        if self.rank != 0:
+            return
         state = {
             "format": 1,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"python": random.getstate(),
-                    "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
-                              *numpy_state[2:]],
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "ranks": ranks, "world_size": self.world_size,
             "epoch": self.epoch, "batches_done": self.batches_done,
-            "epoch_sums": [float(loss_sum), int(correct), int(seen)],
             "best_score": self.best_score, "best_epoch": self.best_epoch,
             "epochs_without_gain": self.epochs_without_gain, "best_model": self.best_state,
             "history": self.history, "label_names": self.label_names,
@@ -776,7 +868,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
-        rng = checkpoint["rng"]
+        own = checkpoint["ranks"][self.rank]
+        rng = own["rng"]
         random.setstate(rng["python"])
         name, keys, *rest = rng["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
@@ -784,7 +877,7 @@ class Trainer:
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.epoch, self.batches_done = checkpoint["epoch"], checkpoint["batches_done"]
-        self.epoch_sums = tuple(checkpoint["epoch_sums"])
+        self.epoch_sums = tuple(own["epoch_sums"])
         self.best_score, self.best_epoch = checkpoint["best_score"], checkpoint["best_epoch"]
         self.epochs_without_gain, self.best_state = checkpoint["epochs_without_gain"], checkpoint["best_model"]
         self.history = checkpoint["history"]
@@ -795,7 +888,9 @@ class Trainer:
     def predict_logits(self, dataset):
         """Logits for every row of `dataset`, in its order; batches are formed in order of length
         so that almost nothing is padded."""
-        by_length = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
+        # Each process takes every world_size-th row; the logits are gathered, each row once.
+        rows = range(self.rank, len(dataset), self.world_size)
+        by_length = sorted(rows, key=dataset.lengths.__getitem__)
         loader = DataLoader(dataset, batch_size=self.config.EVAL_BATCH_SIZE, sampler=by_length,
                             collate_fn=self.collate, generator=torch.Generator())
         self.model.eval()
@@ -806,7 +901,9 @@ class Trainer:
             with self.autocast:
                 chunks.append(self.model(**batch).logits.float().cpu())
         logits = torch.empty(len(dataset), len(self.label_names))
-        logits[by_length] = torch.cat(chunks)
+        for rows, values in gather_objects((by_length, torch.cat(chunks) if chunks else logits[:0]),
+                                           self.world_size):
+            logits[rows] = values
         return logits
 
     def evaluate(self, dataset):
@@ -957,7 +1054,7 @@ def run_training(config, resume=None):
         checkpoint = load_checkpoint(output_dir / CHECKPOINT_FILE if resume == "latest" else resume)
     data = load_data(config)
     if checkpoint is not None:
-        check_resumable(checkpoint, config, data.label_names)
+        check_resumable(checkpoint, config, data.label_names, distributed_rank_and_size()[1])
     trainer = Trainer(config, data.label_names)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from "
@@ -970,8 +1067,9 @@ def run_training(config, resume=None):
     trainer.fit(train, val, checkpoint)
     train_seconds = time.perf_counter() - started
     test_metrics = trainer.evaluate(test)
-    write_outputs(trainer, test_metrics, output_dir, train_seconds)
-    trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
+    if trainer.rank == 0:
+        write_outputs(trainer, test_metrics, output_dir, train_seconds)
+        trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
     print(f"Test ({len(test)} rows, best epoch {trainer.best_epoch}): accuracy "
           f"{test_metrics['accuracy']:.4f}, macro F1 {test_metrics['macro_f1']:.4f}, weighted F1 "
           f"{test_metrics['weighted_f1']:.4f}. Training took {train_seconds:.0f}s. "
@@ -1102,6 +1200,7 @@ def config_from_args(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        init_distributed()  # only under torchrun
         if argv[:1] == ["predict"]:
             args = build_predict_parser().parse_args(argv[1:])
             run_predict(args.model_dir, args.input, args.output, args.text_column, args.probabilities)
@@ -1112,7 +1211,8 @@ def main(argv=None):
             args = build_train_parser().parse_args(argv)
             run_training(config_from_args(args), resume=args.resume)
     except TrainingInterrupted as err:
-        print(err, file=sys.stderr)
+        if distributed_rank_and_size()[0] == 0:  # every process stopped; one says how to resume
+            print(err, file=sys.stderr)
         return 130
     except FinetuneError as err:
         if "--debug" in argv:
@@ -1128,6 +1228,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -86,8 +86,9 @@ def test_a_checkpoint_is_written_every_save_every_steps_and_loads_weights_only(t
     trainer.fit(train, val)
     assert saved_at == [(1, 4), (1, 8), (2, 9)]  # steps 4 and 8, then the end of epoch 1
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batches_done", "best_score",
+    assert {"model", "optimizer", "scheduler", "scaler", "ranks", "epoch", "batches_done", "best_score",
             "epochs_without_gain", "history", "label_names", "config", "best_model"} <= set(checkpoint)
+    assert {"rng", "epoch_sums"} <= set(checkpoint["ranks"][0]) and checkpoint["world_size"] == 1
 
 
 def test_resuming_with_a_changed_setting_is_refused_naming_it(tmp_path, tiny_model_factory, tokenizer):
