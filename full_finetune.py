@@ -1022,6 +1022,16 @@ def write_csv(path, frame):
     write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, encoding="utf-8"))
 
 
+def write_user_file(path, write):
+    """Write a file the user named with --output, creating its folder; failures are one sentence."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as err:
+        raise FinetuneError(f"Cannot write {path} ({err.strerror}); choose another --output.") from None
+
+
 def write_outputs(trainer, test_metrics, output_dir, train_seconds):
     """Every output of a training run, each file written atomically."""
     output_dir = Path(output_dir)
@@ -1089,12 +1099,7 @@ def run_predict(model_dir, input_path, output_path, text_column="text", with_pro
     if with_probabilities:
         for i, name in enumerate(trainer.label_names):
             submission[f"prob_{name}"] = probabilities[:, i]
-    output_path = Path(output_path)
-    try:
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(output_path, submission)
-    except OSError as err:
-        raise FinetuneError(f"Cannot write {output_path} ({err.strerror}); choose another --output.") from None
+    write_user_file(output_path, lambda path: write_csv(path, submission))
     print(f"Wrote {len(submission)} predictions of {model_dir} to {output_path}.")
     return submission
 
@@ -1113,7 +1118,7 @@ def run_evaluate(model_dir, input_path, text_column="text", label_column="label"
     print(f"{len(texts)} rows of {input_path}: accuracy {metrics['accuracy']:.4f}, macro F1 "
           f"{metrics['macro_f1']:.4f}, weighted F1 {metrics['weighted_f1']:.4f}.")
     if output_path is not None:
-        write_json(output_path, metrics)
+        write_user_file(output_path, lambda path: write_json(path, metrics))
     return metrics
 
 
