@@ -57,6 +57,8 @@ class FullFinetuneConfig:
     VAL_RATIO = 0.1  # the rest (1 - TRAIN_RATIO - VAL_RATIO) is the held-out test split
     SEED = 42
 
+    N_FOLDS = 5  # folds of `python full_finetune.py cv`
+
     # Where and on what
     OUTPUT_DIR = "outputs"
     DEVICE = "auto"  # auto: cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
@@ -89,6 +91,8 @@ class FullFinetuneConfig:
         if self.SAVE_EVERY_STEPS is not None and (
                 not isinstance(self.SAVE_EVERY_STEPS, int) or self.SAVE_EVERY_STEPS < 1):
             raise FinetuneError(f"SAVE_EVERY_STEPS must be None or at least 1, not {self.SAVE_EVERY_STEPS!r}.")
+        if not isinstance(self.N_FOLDS, int) or self.N_FOLDS < 2:
+            raise FinetuneError(f"N_FOLDS must be a whole number of at least 2, not {self.N_FOLDS!r}.")
         if self.EARLY_STOPPING_PATIENCE is not None and (
                 not isinstance(self.EARLY_STOPPING_PATIENCE, int) or self.EARLY_STOPPING_PATIENCE < 1):
             raise FinetuneError("EARLY_STOPPING_PATIENCE must be None or a whole number of at least 1, "

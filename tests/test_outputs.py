@@ -9,7 +9,7 @@ from config import FinetuneError
 from full_finetune import Trainer
 
 OUTPUT_FILES = ("best_full_finetune_model.pth", "full_finetune_training_curves.png",
-                "full_finetune_confusion_matrix.png", "metrics.json", "history.csv")
+                "full_finetune_confusion_matrix.png", "metrics.json", "history.csv", "data_report.json")
 
 
 @pytest.fixture
