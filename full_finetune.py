@@ -61,6 +61,7 @@ from config import FinetuneError, FullFinetuneConfig, ModelConfigs
 
 BEST_WEIGHTS_FILE = "best_full_finetune_model.pth"
 MODEL_DIR_NAME = "full_finetune_model"
+MEAN_HEAD_FILE = "mean_pooling_head.pt"
 CURVES_FILE = "full_finetune_training_curves.png"
 CONFUSION_FILE = "full_finetune_confusion_matrix.png"
 METRICS_FILE = "metrics.json"
@@ -552,17 +553,70 @@ def load_tokenizer(name):
     return tokenizer
 
 
-def load_model_and_tokenizer(name, label_names):
-    """A sequence classifier with a fresh head for `label_names`, its fast tokenizer, and the
-    folder or hub name it came from."""
-    from transformers import AutoModelForSequenceClassification
+class MeanPoolingClassifier(torch.nn.Module):
+    """A linear classifier on the attention-masked mean of the encoder's last hidden states: the
+    pooling that sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with
+    (POOLING = "mean"). Saved as the encoder's Hugging Face folder, marked `"pooling": "mean"`
+    in its config.json, plus mean_pooling_head.pt; reload it with Trainer.from_pretrained."""
+
+    def __init__(self, encoder, num_labels):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config  # carries id2label / label2id, like any HF classifier
+        self.config.pooling = "mean"
+        dropout = getattr(encoder.config, "hidden_dropout_prob", getattr(encoder.config, "dropout", 0.1))
+        self.dropout = torch.nn.Dropout(dropout)
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask, **inputs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+
+    def save_pretrained(self, directory):
+        self.encoder.save_pretrained(directory)
+        torch.save(self.classifier.state_dict(), Path(directory) / MEAN_HEAD_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        from transformers import AutoModel
+
+        encoder = AutoModel.from_pretrained(directory)
+        model = cls(encoder, encoder.config.num_labels)
+        model.classifier.load_state_dict(torch.load(Path(directory) / MEAN_HEAD_FILE, weights_only=True))
+        return model
+
+
+def load_model_and_tokenizer(name, label_names, pooling="cls"):
+    """A classifier with a fresh head for `label_names` (the model's own head on its [CLS]
+    pooler, or MeanPoolingClassifier), its fast tokenizer, and where it came from."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(name)
-    model = load_pretrained(name, lambda source, cache_only: AutoModelForSequenceClassification.from_pretrained(
-        source, local_files_only=cache_only, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={label: i for i, label in enumerate(label_names)},
-        ignore_mismatched_sizes=True))  # a folder fine-tuned on other labels gets a new head
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+              "label2id": {label: i for i, label in enumerate(label_names)}}
+    if pooling == "mean":
+        encoder = load_pretrained(name, lambda source, cache_only: AutoModel.from_pretrained(
+            source, local_files_only=cache_only, **labels))
+        model = MeanPoolingClassifier(encoder, len(label_names))
+    else:
+        model = load_pretrained(name, lambda source, cache_only: AutoModelForSequenceClassification.from_pretrained(
+            source, local_files_only=cache_only, ignore_mismatched_sizes=True, **labels))  # new head if need be
     return model, tokenizer, resolve_model_source(name)
+
+
+def reinit_top_layers(model, count):
+    """Give the top `count` encoder layers fresh random weights (their pre-training can be too
+    specific to the pre-training task); returns how many were re-initialised."""
+    layers = {int(match.group(1)): module for name, module in model.named_modules()
+              if (match := re.fullmatch(r".*\.layer\.(\d+)", name))}
+    pretrained = model.encoder if isinstance(model, MeanPoolingClassifier) else model
+    for index in sorted(layers)[len(layers) - count:]:
+        layers[index].apply(pretrained._init_weights)
+    return min(count, len(layers))
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,20 +634,43 @@ def lr_multiplier(step, warmup_steps, total_steps, kind):
     return 1.0 - progress
 
 
+def layer_lr_scale(name, num_layers, decay):
+    """Learning-rate factor of a parameter under layer-wise decay: 1 for the head, decay ** (L - i)
+    for encoder layer i of L, decay ** (L + 1) for the embeddings."""
+    if match := re.search(r"\.layer\.(\d+)\.", name):
+        return decay ** (num_layers - int(match.group(1)))
+    return decay ** (num_layers + 1) if "embeddings" in name else 1.0
+
+
 def build_optimizer(model, config, device):
-    """AdamW; biases and LayerNorm weights (the 1-D parameters) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.WEIGHT_DECAY},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    """AdamW; biases and LayerNorm weights (the 1-D parameters) get no weight decay, and with
+    LAYERWISE_LR_DECAY < 1 lower layers learn more slowly than upper ones."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    num_layers = 1 + max((int(m.group(1)) for name, _ in named if (m := re.search(r"\.layer\.(\d+)\.", name))),
+                         default=-1)
+    groups = {}
+    for name, param in named:
+        key = (layer_lr_scale(name, num_layers, config.LAYERWISE_LR_DECAY),
+               config.WEIGHT_DECAY if param.ndim >= 2 else 0.0)
+        groups.setdefault(key, []).append(param)
     fused = config.FUSED_ADAMW and device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=config.LEARNING_RATE, fused=fused or None)
+    return torch.optim.AdamW([{"params": params, "lr": config.LEARNING_RATE * scale, "weight_decay": decay}
+                              for (scale, decay), params in groups.items()],
+                             lr=config.LEARNING_RATE, fused=fused or None)
+
+
+def balanced_class_weights(labels, num_classes):
+    """rows / (classes x rows of the class): rare classes weigh more in the loss."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
 # Settings a checkpoint must share with the run that resumes it: any other value would make the
 # continued run a different run (another model, split, batch order or schedule).
 RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "TRAIN_RATIO",
                      "VAL_RATIO", "SEED", "MAX_LENGTH", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
-                     "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH")
+                     "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
+                     "POOLING", "REINIT_TOP_LAYERS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS")
 
 
 def load_checkpoint(path):
@@ -647,7 +724,9 @@ class Trainer:
                 raise FinetuneError("Trainer needs label_names to build the classifier head "
                                     "(load_data(config).label_names).")
             model, tokenizer, self.model_source = load_model_and_tokenizer(
-                self.config.MODEL_NAME, label_names)
+                self.config.MODEL_NAME, label_names, self.config.POOLING)
+            if self.config.REINIT_TOP_LAYERS:
+                reinit_top_layers(model, self.config.REINIT_TOP_LAYERS)
         self.label_names = list(label_names if label_names is not None
                                 else (model.config.id2label[i] for i in range(model.config.num_labels)))
         self.model = model.to(self.device)
@@ -668,7 +747,10 @@ class Trainer:
         if not (Path(model_dir) / "config.json").is_file():
             raise FinetuneError(f"{model_dir} is not a saved model folder (no config.json in it).")
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+            if (Path(model_dir) / MEAN_HEAD_FILE).is_file():
+                model = MeanPoolingClassifier.from_pretrained(model_dir)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(model_dir)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = (config if config is not None else FullFinetuneConfig()).copy()
         config.MODEL_NAME = str(model_dir)
@@ -717,6 +799,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
             lr_multiplier, warmup_steps=round(config.WARMUP_RATIO * total_steps),
             total_steps=total_steps, kind=config.SCHEDULER))
+        self.class_weights = None
+        if config.CLASS_WEIGHTS == "balanced":
+            self.class_weights = balanced_class_weights(train_dataset.labels, len(self.label_names)).to(self.device)
         # A no-op unless fp16, where small gradients would underflow without it.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.epoch, self.batches_done, self.epoch_sums = 1, 0, (0.0, 0, 0)
@@ -773,7 +858,8 @@ class Trainer:
                 with contextlib.nullcontext() if sync else self.train_model.no_sync():
                     with self.autocast:
                         logits = self.train_model(**batch).logits
-                    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+                    loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="sum",
+                                           label_smoothing=config.LABEL_SMOOTHING)
                     self.scaler.scale(loss / window_samples).backward()
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == labels).sum()
@@ -1347,6 +1433,11 @@ TRAIN_FLAGS = (
     ("--precision", "MIXED_PRECISION", str, "auto, fp16, bf16 or no"),
     ("--patience", "EARLY_STOPPING_PATIENCE", int, "epochs without improvement before stopping"),
     ("--save-every", "SAVE_EVERY_STEPS", int, "optimizer steps between resumable checkpoints"),
+    ("--pooling", "POOLING", str, "classifier input: cls (the model's pooler) or mean (masked mean)"),
+    ("--llrd", "LAYERWISE_LR_DECAY", float, "layer-wise learning-rate decay (1: off)"),
+    ("--label-smoothing", "LABEL_SMOOTHING", float, "label smoothing of the loss"),
+    ("--class-weights", "CLASS_WEIGHTS", str, "none or balanced"),
+    ("--reinit-top-layers", "REINIT_TOP_LAYERS", int, "encoder layers to re-initialise before training"),
     ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),
     ("--val-ratio", "VAL_RATIO", float, "share of rows for validation (the rest is test)"),
     ("--seed", "SEED", int, "random seed for the split, the head, and the batch order"),

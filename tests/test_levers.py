@@ -1,0 +1,91 @@
+"""The accuracy levers: mean pooling, layer-wise learning-rate decay, label smoothing, class
+weights, re-initialised top layers."""
+
+import json
+
+import pytest
+import torch
+from test_training import config_for, splits
+
+import full_finetune
+from conftest import tiny_bert
+from full_finetune import (
+    MeanPoolingClassifier,
+    PadToLongest,
+    Trainer,
+    balanced_class_weights,
+    build_optimizer,
+    reinit_top_layers,
+)
+
+
+def mean_model(tokenizer):
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    encoder = BertModel(tiny_bert(tokenizer).config)
+    encoder.config.id2label = {0: "a", 1: "b", 2: "c"}
+    return MeanPoolingClassifier(encoder, 3).eval()
+
+
+def test_mean_pooling_ignores_padding(tokenizer):
+    model = mean_model(tokenizer)
+    collate = PadToLongest(tokenizer.pad_token_id)
+    short = tokenizer(["hi there"])
+    both = collate([{k: v[0] for k, v in short.items()},
+                    {k: v[0] for k, v in tokenizer(["a much longer message about a parcel"]).items()}])
+    alone = model(**{k: torch.tensor(v) for k, v in short.items()}).logits
+    padded = model(**both).logits[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mean_pooling_run_saves_a_folder_that_predicts_the_same(tiny_config, tmp_path):
+    tiny_config.POOLING = "mean"
+    metrics = full_finetune.run_training(tiny_config)
+    folder = full_finetune.Path(tiny_config.OUTPUT_DIR) / "full_finetune_model"
+    assert (folder / "mean_pooling_head.pt").is_file()
+    assert json.loads((folder / "config.json").read_text())["pooling"] == "mean"
+    reloaded = Trainer.from_pretrained(folder, progress=False)
+    assert isinstance(reloaded.model, MeanPoolingClassifier)
+    assert reloaded.label_names == ["delivery", "price", "refund"]
+    data = full_finetune.load_data(tiny_config)
+    assert reloaded.evaluate(reloaded.dataset(data.test))["accuracy"] == metrics["accuracy"]
+
+
+def test_layerwise_decay_scales_the_learning_rate_by_depth(tiny_model_factory):
+    model = tiny_model_factory()  # 2 encoder layers
+    optimizer = build_optimizer(model, config_for(LAYERWISE_LR_DECAY=0.5, LEARNING_RATE=1e-3), torch.device("cpu"))
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["classifier.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(params["bert.encoder.layer.1.output.dense.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(params["bert.encoder.layer.0.output.dense.weight"])] == pytest.approx(2.5e-4)
+    assert lr_of[id(params["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1.25e-4)
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay_of[id(params["bert.encoder.layer.0.output.dense.bias"])] == 0.0
+
+
+def test_label_smoothing_and_class_weights_change_the_training_loss(tiny_model_factory, tokenizer):
+    train, names = splits()
+    losses = {}
+    for name, overrides in {"plain": {}, "smoothed": {"LABEL_SMOOTHING": 0.2},
+                            "weighted": {"CLASS_WEIGHTS": "balanced"}}.items():
+        trainer = Trainer(config_for(EPOCHS=1, **overrides), names, model=tiny_model_factory(),
+                          tokenizer=tokenizer, progress=False)
+        dataset = trainer.dataset(train)
+        losses[name] = trainer.fit(dataset, dataset)[0]["train_loss"]
+    assert losses["smoothed"] != pytest.approx(losses["plain"], rel=1e-4)
+    assert losses["weighted"] == pytest.approx(losses["plain"], rel=1e-6)  # balanced classes: weights all 1
+    torch.testing.assert_close(balanced_class_weights([0, 0, 0, 1], 2), torch.tensor([4 / 6, 2.0]))
+
+
+def test_reinit_top_layers_changes_only_the_top_layers(tiny_model_factory):
+    model = tiny_model_factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    assert reinit_top_layers(model, 1) == 1
+    after = model.state_dict()
+    top = "bert.encoder.layer.1.attention.self.query.weight"
+    bottom = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(before[top], after[top])
+    assert torch.equal(before[bottom], after[bottom])
