@@ -61,6 +61,7 @@ MFU (model FLOPs utilisation) = training FLOPs / (training seconds x peak matmul
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,8 @@ def build_parser():
     parser.add_argument("--eval-batch-size", type=int, default=32,
                         help="evaluation batch size of both systems (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=64, help="max tokens per text (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate of both (default: config.py's LEARNING_RATE)")
     parser.add_argument("--warmup-ratio", type=float, default=0.1, help="default: %(default)s")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=42, help="default: %(default)s")
@@ -120,6 +122,19 @@ def build_parser():
     parser.add_argument("--child", choices=("ours", "hf_trainer", "peak"), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     return parser
+
+
+def settings(args):
+    """The shared hyperparameters, as both systems get them."""
+    if args.lr is None:
+        sys.path.insert(0, str(REPO))
+        from config import FullFinetuneConfig
+
+        args.lr = FullFinetuneConfig.LEARNING_RATE
+    return {"train_csv_rows": QUICK_ROWS if args.quick else "all", "epochs": 1 if args.quick else args.epochs,
+            "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+            "max_length": args.max_length, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
+            "weight_decay": args.weight_decay, "seed": args.seed, "threads": args.threads}
 
 
 def data_dir(args):
@@ -445,9 +460,15 @@ def run_child(name, argv, wait_idle=0):
                    "--child", name, "--result-file", result_file]
         wait_until_idle(wait_idle)
         print(f"[compare_hf] running {name} ...", file=sys.stderr, flush=True)
-        completed = subprocess.run(command, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr)
-        if completed.returncode != 0:
-            sys.exit(f"[compare_hf] the {name} child failed with exit code {completed.returncode}")
+        child = subprocess.Popen(command, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr)
+        try:
+            returncode = child.wait()
+        except BaseException:  # Ctrl-C or SIGTERM of the parent: stop the child too
+            child.kill()
+            child.wait()
+            raise
+        if returncode != 0:
+            sys.exit(f"[compare_hf] the {name} child failed with exit code {returncode}")
         return json.loads(Path(result_file).read_text())
     finally:
         Path(result_file).unlink(missing_ok=True)
@@ -466,6 +487,7 @@ def rounded(value, digits=4):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    shared = settings(args)  # fills in args.lr
     if args.child:
         before = cpu_snapshot()
         result = CHILDREN[args.child](args)
@@ -477,6 +499,8 @@ def main(argv=None):
         Path(args.result_file).write_text(json.dumps(result))
         return 0
 
+    # SIGTERM of the parent raises SystemExit, so that run_child stops its child.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - {"ours", "hf_trainer"}
     if unknown or not systems:
@@ -486,6 +510,8 @@ def main(argv=None):
         if not (folder / f"{name}.csv").is_file():
             sys.exit(f"{folder / (name + '.csv')} does not exist; pass --data-dir")
 
+    argv = [*argv, "--lr", repr(args.lr)]  # the children must not each read config.py again
+    print(f"[compare_hf] settings of both systems: {json.dumps(shared)}", file=sys.stderr, flush=True)
     peak = run_child("peak", argv, args.wait_idle)
     if peak["other_cpu_s"] > 1.0:
         print(f"[compare_hf] WARNING: other processes used {peak['other_cpu_s']:.1f} CPU seconds "
@@ -538,7 +564,8 @@ def main(argv=None):
     print(text, flush=True)
     if args.json_out:
         with open(args.json_out, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"argv": argv, "peak": rounded(peak, 1)}) + "\n" + text + "\n")
+            handle.write(json.dumps({"argv": argv, "settings": shared, "peak": rounded(peak, 1)}) + "\n"
+                         + text + "\n")
     return 0
 
 
