@@ -2,8 +2,12 @@
 
     python full_finetune.py                        # train with config.py as it stands
     python full_finetune.py --preset bert_base --epochs 3 --data my_train.csv
+    python full_finetune.py --resume               # continue an interrupted run
+    python full_finetune.py cv --folds 5 --test data/test.csv
     python full_finetune.py predict --model-dir outputs/full_finetune_model \\
         --input data/test.csv --output submission.csv
+    python full_finetune.py evaluate --model-dir outputs/full_finetune_model --input labelled.csv
+    torchrun --nproc_per_node 4 full_finetune.py   # DistributedDataParallel, one process per GPU
 
 Every weight of the model is trained. Features, and what each costs:
 - Tokenise once, pad per batch: texts are tokenised a single time when the dataset is built and
@@ -16,20 +20,29 @@ Every weight of the model is trained. Features, and what each costs:
 - Gradient accumulation: each optimizer step sums the loss over its micro-batches and divides by
   the samples in them, so 4 x 8 is the same update as 1 x 32, short last window included. Costs
   the memory of holding the window's token ids (not activations).
-- AdamW (fused kernel when FUSED_ADAMW) without weight decay on biases and LayerNorm weights;
-  linear warm-up, then linear or cosine decay, stepped once per optimizer step; gradient clipping.
+- AdamW (fused kernel when FUSED_ADAMW) without weight decay on biases and LayerNorm weights,
+  optionally with layer-wise learning-rate decay; linear warm-up, then linear or cosine decay,
+  stepped once per optimizer step; gradient clipping; optional label smoothing, balanced class
+  weights, a mean-pooling head and re-initialised top layers (the accuracy levers).
 - Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
   (one extra copy of the weights in CPU memory) and restored at the end.
+- A data audit before training (data_report.json): balance, token lengths, duplicates, conflicts.
+- Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about four copies of
+  the weights: model, best model, two AdamW moments); SIGINT/SIGTERM finish the step, save and exit.
 - Outputs are written only after training succeeded, each one atomically (temporary file, then
   rename), so a failed or killed run never leaves a half-written file or destroys an older run's.
+- Under torchrun: DDP with sharded batches, all-reduce once per optimizer step, evaluation
+  gathered from every rank; a stop request costs one tiny all-reduce per step to agree on.
 
 Refused up front, with one sentence (FinetuneError): out-of-range settings (config.validate), an
 output directory that cannot be written, a data file that is missing, not UTF-8, lacks the
-configured columns, or has a class too small to appear in every split, and a model that is neither
-a local folder, the packaged offline model, nor reachable on the hub. fp16 is CUDA-only: asked for
-on a CPU, the run says so and uses bf16 (or fp32 where the CPU lacks bf16).
+configured columns, or has a class too small to appear in every split, a model that is neither
+a local folder, the packaged offline model, nor reachable on the hub, and a resume whose settings,
+labels or number of processes differ from the checkpoint's. fp16 is CUDA-only: asked for on a
+CPU, the run says so and uses bf16 (or fp32 where the CPU lacks bf16). `cv` runs in one process.
 
-Importing this module has no side effects; `main(argv)` is the only place that parses arguments.
+Importing this module has no side effects; `main(argv)` is the only place that parses arguments
+(and, under torchrun only, joins the process group).
 """
 
 import argparse
