@@ -135,7 +135,26 @@ def test_debug_shows_the_traceback(tmp_path):
         full_finetune.main(["--data", str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path), "--debug"])
 
 
-def test_sigint_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, tiny_model_dir):
+def test_a_second_ctrl_c_quits_at_once(monkeypatch, tmp_path, tiny_model_factory, tokenizer):
+    trainer, train, val = new_trainer(resume_config(tmp_path), tiny_model_factory, tokenizer)
+    original_step = Trainer._optimizer_step
+
+    def step_interrupted_twice(self):
+        original_step(self)
+        if self.scheduler.last_epoch == 3:
+            signal.raise_signal(signal.SIGINT)  # first: finish the step, then save and stop
+            assert self._stop_requested
+            signal.raise_signal(signal.SIGINT)  # second: out at once
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_interrupted_twice)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(train, val)
+    assert not (tmp_path / "checkpoint.pt").exists()  # it did not wait to write one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, tiny_model_dir, stop_signal):
     data = tmp_path / "train.csv"
     make_rows(60).to_csv(data, index=False)
     args = [sys.executable, str(ROOT / "full_finetune.py"), "--model", str(tiny_model_dir), "--data", str(data),
@@ -147,10 +166,10 @@ def test_sigint_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, tiny_m
         if line.startswith("Training "):
             break
     time.sleep(0.5)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(stop_signal)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
-    assert "finishing this step" in err and "--resume" in err and "Traceback" not in err
+    assert f"{stop_signal.name}: finishing this step" in err and "--resume" in err and "Traceback" not in err
     assert (tmp_path / "out" / "checkpoint.pt").is_file()
     assert not (tmp_path / "out" / "metrics.json").exists()
 
