@@ -50,7 +50,7 @@ class FullFinetuneConfig:
     # Accuracy levers (measured on CLINC150: see README "Accuracy levers")
     POOLING = "cls"  # classifier on the model's [CLS] pooler ("cls", loads in pipeline()) or masked "mean"
     LAYERWISE_LR_DECAY = 1.0  # < 1: layer i of L learns at LEARNING_RATE * decay ** (L - i); 1: off
-    LABEL_SMOOTHING = 0.0  # share of the target spread over the other classes
+    LABEL_SMOOTHING = 0.0  # share of the target probability spread evenly over all classes
     CLASS_WEIGHTS = "none"  # "balanced": loss weighted by rows / (classes x rows of the class)
     REINIT_TOP_LAYERS = 0  # give the top N encoder layers fresh random weights before training
 

@@ -574,6 +574,8 @@ class MeanPoolingClassifier(torch.nn.Module):
 
     def __init__(self, encoder, num_labels):
         super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # unused here; under DDP a parameter without gradient is an error
         self.encoder = encoder
         self.config = encoder.config  # carries id2label / label2id, like any HF classifier
         self.config.pooling = "mean"
@@ -626,10 +628,12 @@ def reinit_top_layers(model, count):
     specific to the pre-training task); returns how many were re-initialised."""
     layers = {int(match.group(1)): module for name, module in model.named_modules()
               if (match := re.fullmatch(r".*\.layer\.(\d+)", name))}
+    if count > len(layers):
+        raise FinetuneError(f"REINIT_TOP_LAYERS is {count} but the model has {len(layers)} encoder layers.")
     pretrained = model.encoder if isinstance(model, MeanPoolingClassifier) else model
     for index in sorted(layers)[len(layers) - count:]:
         layers[index].apply(pretrained._init_weights)
-    return min(count, len(layers))
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,7 +894,7 @@ class Trainer:
                     f"the checkpoint is {self.checkpoint_path}: continue by running the same command "
                     f"with --resume added (or --resume {self.checkpoint_path}).")
             if self.progress and (step % 10 == 0 or step == steps_per_epoch):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{max(self.scheduler.get_last_lr()):.2e}")
         self._check_finite(loss_sum)
         seconds = time.perf_counter() - started
         if self.world_size > 1:  # the epoch's figures over every process's shard
@@ -928,7 +932,7 @@ class Trainer:
         record = {"epoch": self.epoch, "train_loss": train_stats["train_loss"],
                   "train_accuracy": train_stats["train_accuracy"],
                   **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
-                  "lr": self.scheduler.get_last_lr()[0], "seconds": train_stats["seconds"],
+                  "lr": max(self.scheduler.get_last_lr()), "seconds": train_stats["seconds"],
                   "samples_per_second": train_stats["samples_per_second"]}
         self.history.append(record)
         score = record[config.EARLY_STOPPING_METRIC]
@@ -1336,7 +1340,7 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
             raise FinetuneError(f"{fold_dir} holds a fold trained with other settings or data; use another "
                                 "--output-dir, or delete that folder to train it again.")
         print(f"Fold {fold + 1}/{config.N_FOLDS}: finished earlier, reusing {fold_dir}.")
-        if test_texts is not None and result["test_probabilities"] is None:
+        if test_texts is not None and result["test_texts"] != test_texts:  # another (or a first) test file
             trainer = Trainer.from_pretrained(fold_dir / MODEL_DIR_NAME, config, progress=False)
             result["test_probabilities"] = torch.from_numpy(trainer.predict(test_texts)[1])
         return result
@@ -1346,8 +1350,11 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     rest = np.flatnonzero(fold_of_row != fold)
     # Early stopping watches a slice of the training folds, never the held-out fold, so that the
     # out-of-fold score is a fair estimate.
-    train_rows, val_rows = train_test_split(rest, test_size=config.VAL_RATIO, stratify=label_ids[rest],
-                                            random_state=config.SEED)
+    try:
+        train_rows, val_rows = train_test_split(rest, test_size=config.VAL_RATIO, stratify=label_ids[rest],
+                                                random_state=config.SEED)
+    except ValueError as err:
+        raise FinetuneError(f"Cannot set aside a stratified validation share in fold {fold + 1}: {err}") from None
     fold_config = config.copy()
     fold_config.OUTPUT_DIR = str(fold_dir)  # the fold's own checkpoints
     trainer = Trainer(fold_config, label_names)
@@ -1365,6 +1372,7 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     result = {"fingerprint": fingerprint, "rows": torch.from_numpy(held_out),
               "probabilities": held_out_logits.softmax(-1),
               "test_probabilities": None if test_texts is None else torch.from_numpy(trainer.predict(test_texts)[1]),
+              "test_texts": test_texts,
               "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "best_epoch": trainer.best_epoch}
     trainer.save_pretrained(fold_dir / MODEL_DIR_NAME)
     write_csv(fold_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
@@ -1393,7 +1401,11 @@ def run_cv(config, test_path=None):
     oof = np.zeros((len(texts), len(label_names)))
     folds = []
     for fold in range(config.N_FOLDS):
-        result = run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_texts, output_dir)
+        try:
+            result = run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_texts, output_dir)
+        except TrainingInterrupted:
+            raise TrainingInterrupted(f"Stopped in fold {fold + 1}; run the same cv command again to continue: "
+                                      "finished folds are reused and this one resumes.") from None
         oof[result["rows"].numpy()] = result["probabilities"].numpy()
         folds.append(result)
 

@@ -98,3 +98,12 @@ def test_predict_refuses_to_average_models_with_different_labels(tmp_path, tiny_
     code = full_finetune.main(["predict", "--model-dir", *folders, "--input", str(tmp_path / "t.csv"),
                                "--output", str(tmp_path / "s.csv")])
     assert code == 2 and "other labels" in capsys.readouterr().err
+
+
+def test_reused_folds_predict_a_new_test_file(cv_run, monkeypatch):
+    out, args = cv_run
+    test_path = out.parent / "test.csv"
+    pd.DataFrame({"id": [1, 2], "text": ["money back", "how much"]}).to_csv(test_path, index=False)
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("no fold should train again"))
+    assert full_finetune.main(args) == 0
+    assert list(pd.read_csv(out / "submission.csv")["id"]) == [1, 2]

@@ -89,3 +89,15 @@ def test_reinit_top_layers_changes_only_the_top_layers(tiny_model_factory):
     bottom = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(before[top], after[top])
     assert torch.equal(before[bottom], after[bottom])
+
+
+def test_mean_pooling_drops_the_unused_pooler_so_ddp_sees_no_idle_parameters(tokenizer):
+    model = mean_model(tokenizer).train()
+    batch = {k: torch.tensor(v) for k, v in tokenizer(["where is my parcel"]).items()}
+    model(**batch).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_reinit_more_layers_than_the_model_has_is_refused(tiny_model_factory):
+    with pytest.raises(full_finetune.FinetuneError, match="has 2 encoder layers"):
+        reinit_top_layers(tiny_model_factory(), 3)
