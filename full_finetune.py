@@ -630,9 +630,18 @@ def reinit_top_layers(model, count):
               if (match := re.fullmatch(r".*\.layer\.(\d+)", name))}
     if count > len(layers):
         raise FinetuneError(f"REINIT_TOP_LAYERS is {count} but the model has {len(layers)} encoder layers.")
-    pretrained = model.encoder if isinstance(model, MeanPoolingClassifier) else model
+    # Done here rather than with the model's _init_weights, which transformers skips for weights
+    # that were loaded from a checkpoint.
+    std = getattr(model.config, "initializer_range", 0.02)
     for index in sorted(layers)[len(layers) - count:]:
-        layers[index].apply(pretrained._init_weights)
+        for module in layers[index].modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.LayerNorm):
+                torch.nn.init.ones_(module.weight)
+                torch.nn.init.zeros_(module.bias)
     return count
 
 

@@ -79,8 +79,9 @@ def test_label_smoothing_and_class_weights_change_the_training_loss(tiny_model_f
     torch.testing.assert_close(balanced_class_weights([0, 0, 0, 1], 2), torch.tensor([4 / 6, 2.0]))
 
 
-def test_reinit_top_layers_changes_only_the_top_layers(tiny_model_factory):
-    model = tiny_model_factory()
+def test_reinit_top_layers_changes_only_the_top_layers_of_a_loaded_model(tiny_model_dir):
+    # Loaded from a folder, as in a real run: transformers marks those weights as initialised.
+    model, _, _ = full_finetune.load_model_and_tokenizer(str(tiny_model_dir), ["a", "b", "c"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(123)
     assert reinit_top_layers(model, 1) == 1
@@ -88,6 +89,7 @@ def test_reinit_top_layers_changes_only_the_top_layers(tiny_model_factory):
     top = "bert.encoder.layer.1.attention.self.query.weight"
     bottom = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(before[top], after[top])
+    assert torch.equal(after["bert.encoder.layer.1.output.LayerNorm.weight"], torch.ones(32))
     assert torch.equal(before[bottom], after[bottom])
 
 
