@@ -18,11 +18,17 @@ decay, gradient clipping (1.0), linear schedule, seed and torch thread count.
   We therefore report two timings: `train_wall_s` (all of fit(), validation included) and
   `train_pure_s` (the sum of fit's per-epoch training seconds, from its history). The headline
   `train_samples_per_s` is the pure one; `train_samples_per_s_incl_val` divides by the wall time.
+  fit() also writes a resumable checkpoint (model, optimizer, best weights: ~350 MB) at the end
+  of every epoch; it goes to a temporary folder (step checkpoints are turned off with
+  SAVE_EVERY_STEPS = None, the epoch ones cannot be) and counts in train_wall_s only.
 - "hf_trainer": what a user ordinarily writes: AutoModelForSequenceClassification, the texts
   tokenised once into a plain torch Dataset of dicts, DataCollatorWithPadding, the default
   (random) sampler, default precision on CPU (fp32), TrainingArguments with the same
   lr / warm-up / weight decay / epochs / batch sizes, no evaluation during training,
-  report_to="none", save_strategy="no". Its `train_wall_s` is trainer.train().
+  report_to="none", save_strategy="no". Its `train_wall_s` is trainer.train(). Its warm-up is
+  TrainingArguments(warmup_steps=<ratio>) (transformers 5: a float below 1 is a ratio, rounded
+  up to whole steps; ours rounds to the nearest step: 141 of 1407 steps for both in a full run).
+  transformers.Trainer needs the `accelerate` package (>= 1.1).
 
 Each system runs in its own child process (this script with --child), so that peak resident
 memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss` at the end of the child) belongs to that
@@ -33,7 +39,10 @@ Everything else (progress, library warnings) goes to stderr.
 The machine must be otherwise idle: each child also reports `other_cpu_s`, the CPU seconds that
 other processes used while it ran (machine busy time from /proc/stat minus the child's own
 getrusage time), and `steal_cpu_s` (hypervisor steal); the parent warns when other_cpu_s exceeds
-5% of the child's training core-seconds. Numbers from such a run are not comparable.
+5% of the child's (training + evaluation seconds) x threads. Numbers from such a run are not
+comparable: with every core in use, a competing process slows the systems 5-20x. Before each
+child the parent waits (--wait-idle) for a quiet 5-second window; --repeat N runs each system N
+times, interleaved, and reports the repetition with the least other_cpu_s (not the fastest).
 
 Evaluation speed (`eval_samples_per_s`) is the inference over test.csv alone: ours
 Trainer.predict_logits (length-sorted batches, EVAL_BATCH_SIZE), the peer trainer.predict; accuracy
