@@ -8,9 +8,10 @@ import time
 
 import pytest
 import torch
+from test_training import config_for
 
 import full_finetune
-from config import FinetuneError, FullFinetuneConfig
+from config import FinetuneError
 from conftest import ROOT, make_rows
 from full_finetune import Split, Trainer, TrainingInterrupted, encode_labels, load_checkpoint
 
@@ -18,17 +19,8 @@ TIMING = ("seconds", "samples_per_second")
 
 
 def resume_config(tmp_path, **overrides):
-    config = FullFinetuneConfig()
-    config.OUTPUT_DIR = str(tmp_path)
-    config.MAX_LENGTH = 32
-    config.BATCH_SIZE = 8
-    config.EPOCHS = 3
-    config.LEARNING_RATE = 1e-3
-    config.MIXED_PRECISION = "no"
-    config.SAVE_EVERY_STEPS = None
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    defaults = {"OUTPUT_DIR": str(tmp_path), "BATCH_SIZE": 8, "EPOCHS": 3, "SAVE_EVERY_STEPS": None}
+    return config_for(**{**defaults, **overrides})
 
 
 def new_trainer(config, tiny_model_factory, tokenizer):
