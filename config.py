@@ -53,6 +53,8 @@ class FullFinetuneConfig:
     LABEL_SMOOTHING = 0.0  # share of the target probability spread evenly over all classes
     CLASS_WEIGHTS = "none"  # "balanced": loss weighted by rows / (classes x rows of the class)
     REINIT_TOP_LAYERS = 0  # give the top N encoder layers fresh random weights before training
+    EMA_DECAY = None  # e.g. 0.999: validate and keep an exponential moving average of the weights; None: off
+    RDROP_ALPHA = 0.0  # R-Drop: each batch runs twice (two dropout masks); weight of their KL term. 0: off
 
     # Speed switches (each keeps the result of the plain setting; see README "Performance")
     GROUP_BY_LENGTH = True  # batches of similar length, in random order: far less padding
@@ -106,6 +108,10 @@ class FullFinetuneConfig:
             raise FinetuneError(f"LABEL_SMOOTHING must be in [0, 1), not {self.LABEL_SMOOTHING!r}.")
         if not isinstance(self.REINIT_TOP_LAYERS, int) or self.REINIT_TOP_LAYERS < 0:
             raise FinetuneError(f"REINIT_TOP_LAYERS must be 0 or more, not {self.REINIT_TOP_LAYERS!r}.")
+        if not self.RDROP_ALPHA >= 0:
+            raise FinetuneError(f"RDROP_ALPHA must be 0 or more, not {self.RDROP_ALPHA!r}.")
+        if self.EMA_DECAY is not None and not 0 < self.EMA_DECAY < 1:
+            raise FinetuneError(f"EMA_DECAY must be None or in (0, 1), not {self.EMA_DECAY!r}.")
         if not isinstance(self.N_FOLDS, int) or self.N_FOLDS < 2:
             raise FinetuneError(f"N_FOLDS must be a whole number of at least 2, not {self.N_FOLDS!r}.")
         if self.EARLY_STOPPING_PATIENCE is not None and (

@@ -22,8 +22,11 @@ Every weight of the model is trained. Features, and what each costs:
   the memory of holding the window's token ids (not activations).
 - AdamW (fused kernel when FUSED_ADAMW) without weight decay on biases and LayerNorm weights,
   optionally with layer-wise learning-rate decay; linear warm-up, then linear or cosine decay,
-  stepped once per optimizer step; gradient clipping; optional label smoothing, balanced class
-  weights, a mean-pooling head and re-initialised top layers (the accuracy levers).
+  stepped once per optimizer step; gradient clipping.
+- Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head,
+  re-initialised top layers (all free); an exponential moving average of the weights, validated
+  and kept instead of the raw weights (one more copy of the weights, a few % of the time); R-Drop
+  (every batch runs twice with different dropout: twice the time and activation memory).
 - Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
   (one extra copy of the weights in CPU memory) and restored at the end.
 - A data audit before training (data_report.json): balance, token lengths, duplicates, conflicts.
@@ -685,6 +688,12 @@ def build_optimizer(model, config, device):
                              lr=config.LEARNING_RATE, fused=fused or None)
 
 
+def ema_decay(step, decay):
+    """Decay of the weight average after `step` optimizer steps: ramped up from 0.1 so that the
+    average soon forgets the pre-trained starting point, at most `decay`."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def balanced_class_weights(labels, num_classes):
     """rows / (classes x rows of the class): rare classes weigh more in the loss."""
     counts = np.bincount(labels, minlength=num_classes)
@@ -696,7 +705,8 @@ def balanced_class_weights(labels, num_classes):
 RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "TRAIN_RATIO",
                      "VAL_RATIO", "SEED", "MAX_LENGTH", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
                      "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
-                     "POOLING", "REINIT_TOP_LAYERS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS")
+                     "POOLING", "REINIT_TOP_LAYERS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
+                     "EMA_DECAY", "RDROP_ALPHA")
 
 
 def load_checkpoint(path):
@@ -830,6 +840,8 @@ class Trainer:
             self.class_weights = balanced_class_weights(train_dataset.labels, len(self.label_names)).to(self.device)
         # A no-op unless fp16, where small gradients would underflow without it.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = [p.detach().clone() for p in self.trained_params] if config.EMA_DECAY else None
         self.epoch, self.batches_done, self.epoch_sums = 1, 0, (0.0, 0, 0)
         self.best_score, self.best_state, self.epochs_without_gain = None, None, 0
         if checkpoint is not None:
@@ -847,7 +859,8 @@ class Trainer:
             while self.epoch <= config.EPOCHS and not self._patience_exhausted():
                 self.sampler.set_epoch(self.epoch, skip=self.batches_done)
                 train_stats = self._train_one_epoch(loader, steps_per_epoch)
-                self._end_epoch(train_stats, val_dataset)
+                with self._averaged_weights():  # what is validated and kept is the average
+                    self._end_epoch(train_stats, val_dataset)
                 self.epoch, self.batches_done, self.epoch_sums = self.epoch + 1, 0, (0.0, 0, 0)
                 self.save_checkpoint()
         self.model.load_state_dict(self.best_state)
@@ -879,13 +892,14 @@ class Trainer:
             for i, batch in enumerate(window, 1):
                 batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
                 labels = batch.pop("labels")
+                if config.RDROP_ALPHA:  # every row twice in one forward pass: two dropout masks
+                    batch = {key: torch.cat([value, value]) for key, value in batch.items()}
                 # Across processes, gradients are all-reduced once per window, on its last micro-batch.
                 sync = i == len(window) or self.world_size == 1
                 with contextlib.nullcontext() if sync else self.train_model.no_sync():
                     with self.autocast:
-                        logits = self.train_model(**batch).logits
-                    loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="sum",
-                                           label_smoothing=config.LABEL_SMOOTHING)
+                        logits = self.train_model(**batch).logits.float()
+                    loss, logits = self._loss(logits, labels)
                     self.scaler.scale(loss / window_samples).backward()
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == labels).sum()
@@ -917,6 +931,20 @@ class Trainer:
                 "seconds": round(seconds, 2),
                 "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
 
+    def _loss(self, logits, labels):
+        """The training loss summed over the batch, and the logits to count correct rows with.
+        With R-Drop the batch was fed twice: the mean of both cross-entropies plus RDROP_ALPHA
+        times the symmetric KL divergence between the two predictions."""
+        cross_entropy = partial(F.cross_entropy, weight=self.class_weights, reduction="sum",
+                                label_smoothing=self.config.LABEL_SMOOTHING)
+        if not self.config.RDROP_ALPHA:
+            return cross_entropy(logits, labels), logits
+        first, second = logits.chunk(2)
+        log_p, log_q = first.log_softmax(-1), second.log_softmax(-1)
+        kl = (F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+              + F.kl_div(log_q, log_p, log_target=True, reduction="sum")) / 2
+        return (cross_entropy(first, labels) + cross_entropy(second, labels)) / 2 + self.config.RDROP_ALPHA * kl, first
+
     def _optimizer_step(self):
         if self.config.MAX_GRAD_NORM is not None:
             self.scaler.unscale_(self.optimizer)
@@ -925,6 +953,26 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            # ema += (1 - decay) * (weights - ema), one fused call over all tensors
+            weight = 1 - ema_decay(self.scheduler.last_epoch, self.config.EMA_DECAY)
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.trained_params], weight)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """The model holds the EMA weights inside this block (swapped in, not copied)."""
+        if self.ema is None:
+            yield
+            return
+        self._swap_average()
+        try:
+            yield
+        finally:
+            self._swap_average()
+
+    def _swap_average(self):
+        for i, param in enumerate(self.trained_params):
+            param.data, self.ema[i] = self.ema[i], param.data
 
     def _check_finite(self, loss_sum):
         # With fp16 the scaler skips steps whose gradients overflow; elsewhere it is divergence.
@@ -1028,6 +1076,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema,
             "ranks": ranks, "world_size": self.world_size,
             "epoch": self.epoch, "batches_done": self.batches_done,
             "best_score": self.best_score, "best_epoch": self.best_epoch,
@@ -1043,6 +1092,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None:
+            torch._foreach_copy_(self.ema, checkpoint["ema"])
         own = checkpoint["ranks"][self.rank]
         rng = own["rng"]
         random.setstate(rng["python"])
@@ -1472,6 +1523,8 @@ TRAIN_FLAGS = (
     ("--label-smoothing", "LABEL_SMOOTHING", float, "label smoothing of the loss"),
     ("--class-weights", "CLASS_WEIGHTS", str, "none or balanced"),
     ("--reinit-top-layers", "REINIT_TOP_LAYERS", int, "encoder layers to re-initialise before training"),
+    ("--ema-decay", "EMA_DECAY", float, "keep a moving average of the weights with this decay (e.g. 0.999)"),
+    ("--rdrop", "RDROP_ALPHA", float, "R-Drop: weight of the KL term between two dropout passes (0: off)"),
     ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),
     ("--val-ratio", "VAL_RATIO", float, "share of rows for validation (the rest is test)"),
     ("--seed", "SEED", int, "random seed for the split, the head, and the batch order"),

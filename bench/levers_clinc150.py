@@ -42,6 +42,19 @@ def read(path, limit=None, seed=0):
     return frame["text"].tolist(), frame["intent"].tolist()
 
 
+def parse_setting(text):
+    """KEY=VALUE with VALUE a Python literal (3e-4, None, "cosine") or a bare word."""
+    import ast
+
+    key, _, value = text.partition("=")
+    if not key.isupper() or not hasattr(FullFinetuneConfig, key):
+        raise argparse.ArgumentTypeError(f"{key!r} is not a FullFinetuneConfig setting")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def run_variant(name, overrides, data, epochs, output_dir):
     config = FullFinetuneConfig()
     config.EPOCHS = epochs
@@ -73,6 +86,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2,000 training rows and 1 epoch")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="change a config.py setting in every variant, e.g. --set LEARNING_RATE=3e-4")
     parser.add_argument("--output-dir", default="/tmp/levers_clinc150", help="scratch folder for checkpoints")
     args = parser.parse_args()
     folder = Path(args.data)
@@ -80,7 +95,7 @@ def main():
     data = (read(folder / "train.csv", limit), read(folder / "val.csv"), read(folder / "test.csv"))
     rows = []
     for name in args.variants:
-        rows.append(run_variant(name, VARIANTS[name], data, epochs, Path(args.output_dir)))
+        rows.append(run_variant(name, {**VARIANTS[name], **dict(args.set)}, data, epochs, Path(args.output_dir)))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| variant | settings | epochs run (best) | val acc | test acc | test macro F1 | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

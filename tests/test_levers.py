@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_training import config_for, splits
+from test_training import config_for, splits, trained_state
 
 import full_finetune
 from conftest import tiny_bert
@@ -103,3 +103,63 @@ def test_mean_pooling_drops_the_unused_pooler_so_ddp_sees_no_idle_parameters(tok
 def test_reinit_more_layers_than_the_model_has_is_refused(tiny_model_factory):
     with pytest.raises(full_finetune.FinetuneError, match="has 2 encoder layers"):
         reinit_top_layers(tiny_model_factory(), 3)
+
+
+def test_ema_validates_and_keeps_the_moving_average_of_every_step(monkeypatch, tiny_model_factory, tokenizer):
+    train, names = splits()
+    # A plain run, recording the weights after every optimizer step.
+    plain = Trainer(config_for(EPOCHS=1), names, model=tiny_model_factory(), tokenizer=tokenizer, progress=False)
+    expected = [p.detach().clone() for p in plain.model.parameters()]
+    original_step = Trainer._optimizer_step
+
+    def step_and_average(self):
+        original_step(self)
+        weight = 1 - full_finetune.ema_decay(self.scheduler.last_epoch, 0.9)
+        for average, param in zip(expected, self.model.parameters(), strict=True):
+            average.lerp_(param.detach(), weight)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_and_average)
+    dataset = plain.dataset(train)
+    plain.fit(dataset, dataset)
+    monkeypatch.undo()
+
+    averaged = Trainer(config_for(EPOCHS=1, EMA_DECAY=0.9), names, model=tiny_model_factory(),
+                       tokenizer=tokenizer, progress=False)
+    history = averaged.fit(dataset, dataset)
+    for average, param in zip(expected, averaged.model.parameters(), strict=True):
+        torch.testing.assert_close(param.detach(), average)
+    pairs = zip(averaged.model.parameters(), plain.model.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
+    # The recorded validation is that of the averaged weights.
+    assert history[0]["val_accuracy"] == averaged.evaluate(dataset)["accuracy"]
+
+
+def test_ema_decay_warms_up_and_is_capped():
+    assert full_finetune.ema_decay(0, 0.999) == pytest.approx(0.1)
+    assert full_finetune.ema_decay(90, 0.999) == pytest.approx(0.91)
+    assert full_finetune.ema_decay(10**6, 0.999) == 0.999
+
+
+def test_rdrop_without_dropout_trains_exactly_like_the_plain_loss(tiny_model_factory, tokenizer):
+    train, names = splits()
+    # No dropout: both passes agree, the KL term is 0 and the mean of two equal cross-entropies is one.
+    plain_state, plain = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
+    rdrop_state, rdrop = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1, RDROP_ALPHA=1.0)
+    assert rdrop.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], rel=1e-5)
+    for key in plain_state:
+        torch.testing.assert_close(rdrop_state[key], plain_state[key], rtol=1e-4, atol=1e-6)
+
+
+def test_rdrop_loss_adds_the_symmetric_kl_between_the_two_passes(tiny_model_factory, tokenizer):
+    _, names = splits()
+    trainer = Trainer(config_for(RDROP_ALPHA=0.5), names, model=tiny_model_factory(), tokenizer=tokenizer,
+                      progress=False)
+    trainer.class_weights = None  # fit sets them from the training labels
+    first, second = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    labels = torch.tensor([0])
+    loss, counted = trainer._loss(torch.cat([first, second]), labels)
+    p, q = first.softmax(-1), second.softmax(-1)
+    kl_pq, kl_qp = (p * (p / q).log()).sum(), (q * (q / p).log()).sum()
+    mean_ce = (torch.nn.functional.cross_entropy(first, labels) + torch.nn.functional.cross_entropy(second, labels)) / 2
+    torch.testing.assert_close(loss, mean_ce + 0.5 * (kl_pq + kl_qp) / 2)
+    assert torch.equal(counted, first)

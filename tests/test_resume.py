@@ -36,13 +36,15 @@ def without_timing(history):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
-@pytest.mark.parametrize("stop_after_step", [7, 12])  # 9 optimizer steps per epoch: mid-epoch 1 and 2
+# 9 optimizer steps per epoch: stops mid-epoch 1 and mid-epoch 2, the latter also with a weight average
+@pytest.mark.parametrize("stop_after_step, ema_decay", [(7, None), (12, None), (12, 0.9)])
 def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
-        monkeypatch, tmp_path, tiny_model_factory, tokenizer, stop_after_step):
-    straight, train, val = new_trainer(resume_config(tmp_path / "a"), tiny_model_factory, tokenizer)
+        monkeypatch, tmp_path, tiny_model_factory, tokenizer, stop_after_step, ema_decay):
+    straight, train, val = new_trainer(resume_config(tmp_path / "a", EMA_DECAY=ema_decay), tiny_model_factory,
+                                       tokenizer)
     straight.fit(train, val)
 
-    config = resume_config(tmp_path / "b")
+    config = resume_config(tmp_path / "b", EMA_DECAY=ema_decay)
     interrupted, train, val = new_trainer(config, tiny_model_factory, tokenizer)
     original_step = Trainer._optimizer_step
 
