@@ -55,6 +55,10 @@ class FullFinetuneConfig:
     REINIT_TOP_LAYERS = 0  # give the top N encoder layers fresh random weights before training
     EMA_DECAY = None  # e.g. 0.999: validate and keep an exponential moving average of the weights; None: off
     RDROP_ALPHA = 0.0  # R-Drop: each batch runs twice (two dropout masks); weight of their KL term. 0: off
+    # Distillation: a CSV with a text column and one prob_<label> column per label (the oof.csv of
+    # `cv`): every training text learns these probabilities as well as its label.
+    SOFT_TARGETS = None
+    SOFT_TARGET_WEIGHT = 0.5  # loss = (1 - w) x cross-entropy with the label + w x with the soft targets
 
     # Speed switches (each keeps the result of the plain setting; see README "Performance")
     GROUP_BY_LENGTH = True  # batches of similar length, in random order: far less padding
@@ -108,6 +112,8 @@ class FullFinetuneConfig:
             raise FinetuneError(f"LABEL_SMOOTHING must be in [0, 1), not {self.LABEL_SMOOTHING!r}.")
         if not isinstance(self.REINIT_TOP_LAYERS, int) or self.REINIT_TOP_LAYERS < 0:
             raise FinetuneError(f"REINIT_TOP_LAYERS must be 0 or more, not {self.REINIT_TOP_LAYERS!r}.")
+        if not 0 <= self.SOFT_TARGET_WEIGHT <= 1:
+            raise FinetuneError(f"SOFT_TARGET_WEIGHT must be in [0, 1], not {self.SOFT_TARGET_WEIGHT!r}.")
         if not self.RDROP_ALPHA >= 0:
             raise FinetuneError(f"RDROP_ALPHA must be 0 or more, not {self.RDROP_ALPHA!r}.")
         if self.EMA_DECAY is not None and not 0 < self.EMA_DECAY < 1:

@@ -26,7 +26,8 @@ Every weight of the model is trained. Features, and what each costs:
 - Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head,
   re-initialised top layers (all free); an exponential moving average of the weights, validated
   and kept instead of the raw weights (one more copy of the weights, a few % of the time); R-Drop
-  (every batch runs twice with different dropout: twice the time and activation memory).
+  (every batch runs twice with different dropout: twice the time and activation memory);
+  distillation from soft targets such as a fold ensemble's out-of-fold probabilities (free).
 - Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
   (one extra copy of the weights in CPU memory) and restored at the end.
 - A data audit before training (data_report.json): balance, token lengths, duplicates, conflicts.
@@ -342,6 +343,20 @@ def load_data(config):
     return DataSplits(train, val, test, label_names)
 
 
+def read_soft_targets(path, label_names, texts):
+    """The soft targets of `texts`, one list of class probabilities each, from a CSV with a text
+    column and a prob_<label> column per label (the oof.csv that `cv` writes)."""
+    columns = [f"prob_{name}" for name in label_names]
+    frame = read_csv_checked(path, ["text", *columns], "it needs text and one prob_<label> column per label, "
+                                                       "like the oof.csv that cv writes")
+    by_text = dict(zip(frame["text"], frame[columns].to_numpy(np.float32).tolist(), strict=True))
+    missing = [text for text in texts if text not in by_text]
+    if missing:
+        raise FinetuneError(f"{len(missing)} training texts have no soft targets in {path}, e.g. "
+                            f"{missing[0][:60]!r}; make it (cv) from the same training file.")
+    return [by_text[text] for text in texts]
+
+
 def normalise_text(text):
     """Lower case, punctuation and spacing removed: texts equal after this are near-duplicates."""
     return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
@@ -408,9 +423,10 @@ class BuyerIntentDataset(Dataset):
     `PadToLongest`. `labels` may be None for texts to predict.
     """
 
-    def __init__(self, texts, labels, tokenizer, max_length=512):
+    def __init__(self, texts, labels, tokenizer, max_length=512, soft_labels=None):
         self.texts = list(texts)
         self.labels = None if labels is None else list(labels)
+        self.soft_labels = soft_labels  # per row: a list of class probabilities to distil from
         self.tokenizer = tokenizer
         self.max_length = max_length
         # One call over the whole list: the fast tokenizer batches it in Rust.
@@ -424,6 +440,8 @@ class BuyerIntentDataset(Dataset):
         item = {key: values[idx] for key, values in self.encodings.items()}
         if self.labels is not None:
             item["labels"] = self.labels[idx]
+        if self.soft_labels is not None:
+            item["soft_labels"] = self.soft_labels[idx]
         return item
 
 
@@ -437,7 +455,7 @@ class PadToLongest:
         longest = max(len(item["input_ids"]) for item in items)
         batch = {}
         for key in items[0]:
-            if key == "labels":
+            if key in ("labels", "soft_labels"):
                 batch[key] = torch.tensor([item[key] for item in items])
                 continue
             pad = self.pad_token_id if key == "input_ids" else 0
@@ -706,7 +724,7 @@ RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "
                      "VAL_RATIO", "SEED", "MAX_LENGTH", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
                      "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
                      "POOLING", "REINIT_TOP_LAYERS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
-                     "EMA_DECAY", "RDROP_ALPHA")
+                     "EMA_DECAY", "RDROP_ALPHA", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
 
 
 def load_checkpoint(path):
@@ -794,14 +812,14 @@ class Trainer:
             config.MAX_LENGTH = tokenizer.model_max_length
         return cls(config, model=model, tokenizer=tokenizer, progress=progress)
 
-    def dataset(self, split_or_texts):
+    def dataset(self, split_or_texts, soft_labels=None):
         """A BuyerIntentDataset of a Split (texts and labels) or of bare texts, with this
-        trainer's tokenizer and MAX_LENGTH."""
+        trainer's tokenizer and MAX_LENGTH (and, to distil from, each row's soft targets)."""
         if isinstance(split_or_texts, Split):
             texts, labels = split_or_texts.texts, split_or_texts.labels
         else:
             texts, labels = split_or_texts, None
-        return BuyerIntentDataset(texts, labels, self.tokenizer, self.config.MAX_LENGTH)
+        return BuyerIntentDataset(texts, labels, self.tokenizer, self.config.MAX_LENGTH, soft_labels)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -891,7 +909,7 @@ class Trainer:
             window_samples = sum(len(batch["labels"]) for batch in window)
             for i, batch in enumerate(window, 1):
                 batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-                labels = batch.pop("labels")
+                labels, soft_labels = batch.pop("labels"), batch.pop("soft_labels", None)
                 if config.RDROP_ALPHA:  # every row twice in one forward pass: two dropout masks
                     batch = {key: torch.cat([value, value]) for key, value in batch.items()}
                 # Across processes, gradients are all-reduced once per window, on its last micro-batch.
@@ -899,7 +917,7 @@ class Trainer:
                 with contextlib.nullcontext() if sync else self.train_model.no_sync():
                     with self.autocast:
                         logits = self.train_model(**batch).logits.float()
-                    loss, logits = self._loss(logits, labels)
+                    loss, logits = self._loss(logits, labels, soft_labels)
                     self.scaler.scale(loss / window_samples).backward()
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == labels).sum()
@@ -931,19 +949,30 @@ class Trainer:
                 "seconds": round(seconds, 2),
                 "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
 
-    def _loss(self, logits, labels):
+    def _loss(self, logits, labels, soft_labels=None):
         """The training loss summed over the batch, and the logits to count correct rows with.
-        With R-Drop the batch was fed twice: the mean of both cross-entropies plus RDROP_ALPHA
-        times the symmetric KL divergence between the two predictions."""
-        cross_entropy = partial(F.cross_entropy, weight=self.class_weights, reduction="sum",
-                                label_smoothing=self.config.LABEL_SMOOTHING)
-        if not self.config.RDROP_ALPHA:
-            return cross_entropy(logits, labels), logits
+
+        Cross-entropy with the labels (smoothed and class-weighted as configured), mixed with the
+        cross-entropy with the soft targets when distilling. With R-Drop the batch was fed twice:
+        the mean of both passes' losses plus RDROP_ALPHA times the symmetric KL divergence between
+        their predictions."""
+        config = self.config
+
+        def supervised(logits):
+            loss = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum",
+                                   label_smoothing=config.LABEL_SMOOTHING)
+            if soft_labels is None:
+                return loss
+            distilled = F.cross_entropy(logits, soft_labels, weight=self.class_weights, reduction="sum")
+            return (1 - config.SOFT_TARGET_WEIGHT) * loss + config.SOFT_TARGET_WEIGHT * distilled
+
+        if not config.RDROP_ALPHA:
+            return supervised(logits), logits
         first, second = logits.chunk(2)
         log_p, log_q = first.log_softmax(-1), second.log_softmax(-1)
         kl = (F.kl_div(log_p, log_q, log_target=True, reduction="sum")
               + F.kl_div(log_q, log_p, log_target=True, reduction="sum")) / 2
-        return (cross_entropy(first, labels) + cross_entropy(second, labels)) / 2 + self.config.RDROP_ALPHA * kl, first
+        return (supervised(first) + supervised(second)) / 2 + config.RDROP_ALPHA * kl, first
 
     def _optimizer_step(self):
         if self.config.MAX_GRAD_NORM is not None:
@@ -1300,7 +1329,11 @@ def run_training(config, resume=None):
                         data.label_names, trainer.tokenizer, config.MAX_LENGTH)
     if trainer.rank == 0:
         write_json(output_dir / DATA_REPORT_FILE, report)
-    train, val, test = (trainer.dataset(split) for split in (data.train, data.val, data.test))
+    soft_labels = None
+    if config.SOFT_TARGETS:
+        soft_labels = read_soft_targets(config.SOFT_TARGETS, data.label_names, data.train.texts)
+    train = trainer.dataset(data.train, soft_labels)
+    val, test = trainer.dataset(data.val), trainer.dataset(data.test)
     started = time.perf_counter()
     trainer.fit(train, val, checkpoint)
     train_seconds = time.perf_counter() - started
@@ -1450,6 +1483,9 @@ def run_cv(config, test_path=None):
     config.validate()
     if distributed_rank_and_size()[1] > 1:
         raise FinetuneError("cv runs in a single process; launch it with python, not torchrun.")
+    if config.SOFT_TARGETS:
+        raise FinetuneError("SOFT_TARGETS is for training one model (distilling a cv ensemble into it), "
+                            "not for cv; leave it None here.")
     output_dir = prepare_output_dir(config.OUTPUT_DIR)
     texts, label_ids, label_names = read_labelled_data(config)
     label_ids = np.asarray(label_ids)
@@ -1525,6 +1561,8 @@ TRAIN_FLAGS = (
     ("--reinit-top-layers", "REINIT_TOP_LAYERS", int, "encoder layers to re-initialise before training"),
     ("--ema-decay", "EMA_DECAY", float, "keep a moving average of the weights with this decay (e.g. 0.999)"),
     ("--rdrop", "RDROP_ALPHA", float, "R-Drop: weight of the KL term between two dropout passes (0: off)"),
+    ("--soft-targets", "SOFT_TARGETS", str, "CSV of text and prob_<label> columns (cv's oof.csv) to distil from"),
+    ("--soft-target-weight", "SOFT_TARGET_WEIGHT", float, "share of the loss that follows the soft targets"),
     ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),
     ("--val-ratio", "VAL_RATIO", float, "share of rows for validation (the rest is test)"),
     ("--seed", "SEED", int, "random seed for the split, the head, and the batch order"),

@@ -7,6 +7,7 @@ variant, then a Markdown table.
     python bench/levers_clinc150.py                       # every variant, 5 epochs each
     python bench/levers_clinc150.py --variants base mean --epochs 3
     python bench/levers_clinc150.py --quick               # 2,000 training rows, 1 epoch: a smoke test
+    python bench/levers_clinc150.py --variants mean_llrd_smoothing --set EMA_DECAY=0.999   # any setting
 """
 
 import argparse
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import FullFinetuneConfig  # noqa: E402
-from full_finetune import Split, Trainer, encode_labels  # noqa: E402
+from full_finetune import Split, Trainer, encode_labels, read_soft_targets  # noqa: E402
 
 # Each variant changes the base settings (the config.py defaults) by these values only.
 VARIANTS = {
@@ -67,7 +68,10 @@ def run_variant(name, overrides, data, epochs, output_dir):
     ids = {label: i for i, label in enumerate(label_names)}
     trainer = Trainer(config, label_names, progress=False)
     started = time.perf_counter()
-    trainer.fit(trainer.dataset(Split(train_texts, train_ids)),
+    soft_labels = None
+    if config.SOFT_TARGETS:  # e.g. the oof.csv of bench/cv_clinc150.py: distil the fold ensemble
+        soft_labels = read_soft_targets(config.SOFT_TARGETS, label_names, train_texts)
+    trainer.fit(trainer.dataset(Split(train_texts, train_ids), soft_labels),
                 trainer.dataset(Split(val_texts, [ids[label] for label in val_raw])))
     seconds = time.perf_counter() - started
     test = trainer.evaluate(trainer.dataset(Split(test_texts, [ids[label] for label in test_raw])))

@@ -107,3 +107,17 @@ def test_reused_folds_predict_a_new_test_file(cv_run, monkeypatch):
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("no fold should train again"))
     assert full_finetune.main(args) == 0
     assert list(pd.read_csv(out / "submission.csv")["id"]) == [1, 2]
+
+
+def test_a_single_model_distils_the_fold_ensemble_from_oof_csv(cv_run, tiny_config, tmp_path, capsys):
+    out, _ = cv_run
+    args = ["--model", tiny_config.MODEL_NAME, "--data", tiny_config.DATA_PATH, "--epochs", "1",
+            "--max-length", "32", "--lr", "1e-3", "--soft-targets", str(out / "oof.csv")]
+    assert full_finetune.main([*args, "--output-dir", str(tmp_path / "student")]) == 0
+    assert json.loads((tmp_path / "student" / "metrics.json").read_text())["config"]["SOFT_TARGETS"] == str(
+        out / "oof.csv")
+    pd.read_csv(out / "oof.csv").iloc[5:].to_csv(tmp_path / "partial.csv", index=False)
+    args[-1] = str(tmp_path / "partial.csv")
+    capsys.readouterr()
+    assert full_finetune.main([*args, "--output-dir", str(tmp_path / "student2")]) == 2
+    assert "training texts have no soft targets" in capsys.readouterr().err

@@ -163,3 +163,22 @@ def test_rdrop_loss_adds_the_symmetric_kl_between_the_two_passes(tiny_model_fact
     mean_ce = (torch.nn.functional.cross_entropy(first, labels) + torch.nn.functional.cross_entropy(second, labels)) / 2
     torch.testing.assert_close(loss, mean_ce + 0.5 * (kl_pq + kl_qp) / 2)
     assert torch.equal(counted, first)
+
+
+def test_soft_targets_equal_to_the_labels_train_exactly_like_the_labels(tiny_model_factory, tokenizer):
+    train, names = splits()
+    plain = Trainer(config_for(EPOCHS=1), names, model=tiny_model_factory(), tokenizer=tokenizer, progress=False)
+    plain.fit(plain.dataset(train), plain.dataset(train))
+    one_hot = torch.nn.functional.one_hot(torch.tensor(train.labels), len(names)).float().tolist()
+    distilled = Trainer(config_for(EPOCHS=1, SOFT_TARGET_WEIGHT=0.7), names, model=tiny_model_factory(),
+                        tokenizer=tokenizer, progress=False)
+    distilled.fit(distilled.dataset(train, one_hot), distilled.dataset(train))
+    assert distilled.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], rel=1e-5)
+    for ours, theirs in zip(distilled.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    # Other targets pull the model elsewhere.
+    uniform = [[1 / len(names)] * len(names)] * len(train.labels)
+    smoothed = Trainer(config_for(EPOCHS=1, SOFT_TARGET_WEIGHT=0.7), names, model=tiny_model_factory(),
+                       tokenizer=tokenizer, progress=False)
+    smoothed.fit(smoothed.dataset(train, uniform), smoothed.dataset(train))
+    assert smoothed.history[0]["train_loss"] != pytest.approx(plain.history[0]["train_loss"], rel=1e-3)
