@@ -32,7 +32,8 @@ Every weight of the model is trained. Features, and what each costs:
   (one extra copy of the weights in CPU memory) and restored at the end.
 - A data audit before training (data_report.json): balance, token lengths, duplicates, conflicts.
 - Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about four copies of
-  the weights: model, best model, two AdamW moments); SIGINT/SIGTERM finish the step, save and exit.
+  the weights: model, best model, two AdamW moments; five with EMA_DECAY); SIGINT/SIGTERM finish
+  the step, save and exit.
 - Outputs are written only after training succeeded, each one atomically (temporary file, then
   rename), so a failed or killed run never leaves a half-written file or destroys an older run's.
 - Under torchrun: DDP with sharded batches, all-reduce once per optimizer step, evaluation
@@ -1355,12 +1356,15 @@ def read_test_file(path, text_column):
     return ids, frame[text_column].fillna("").tolist()
 
 
+def with_probability_columns(frame, label_names, probabilities):
+    """`frame` plus one prob_<label> column per class (joined at once: hundreds of classes)."""
+    columns = pd.DataFrame(probabilities, columns=[f"prob_{name}" for name in label_names], index=frame.index)
+    return pd.concat([frame, columns], axis=1)
+
+
 def submission_frame(ids, label_names, probabilities, with_probabilities=False):
     submission = pd.DataFrame({"id": ids, "label": [label_names[i] for i in probabilities.argmax(1)]})
-    if with_probabilities:
-        for i, name in enumerate(label_names):
-            submission[f"prob_{name}"] = probabilities[:, i]
-    return submission
+    return with_probability_columns(submission, label_names, probabilities) if with_probabilities else submission
 
 
 def run_predict(model_dirs, input_path, output_path, text_column="text", with_probabilities=False,
@@ -1509,9 +1513,7 @@ def run_cv(config, test_path=None):
     oof_frame = pd.DataFrame({"row": np.arange(len(texts)), "text": texts,
                               "label": [label_names[i] for i in label_ids], "fold": fold_of_row + 1,
                               "prediction": [label_names[i] for i in predictions]})
-    for i, name in enumerate(label_names):
-        oof_frame[f"prob_{name}"] = oof[:, i]
-    write_csv(output_dir / OOF_FILE, oof_frame)
+    write_csv(output_dir / OOF_FILE, with_probability_columns(oof_frame, label_names, oof))
     per_fold = pd.DataFrame([{"fold": i + 1, "accuracy": f["accuracy"], "macro_f1": f["macro_f1"],
                               "best_epoch": f["best_epoch"]} for i, f in enumerate(folds)])
     overall = classification_metrics(label_ids, predictions, label_names)
