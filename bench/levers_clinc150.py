@@ -67,10 +67,10 @@ def run_variant(name, overrides, data, epochs, output_dir):
     label_names, train_ids = encode_labels(train_raw)
     ids = {label: i for i, label in enumerate(label_names)}
     trainer = Trainer(config, label_names, progress=False)
-    started = time.perf_counter()
     soft_labels = None
     if config.SOFT_TARGETS:  # e.g. the oof.csv of bench/cv_clinc150.py: distil the fold ensemble
         soft_labels = read_soft_targets(config.SOFT_TARGETS, label_names, train_texts)
+    started = time.perf_counter()
     trainer.fit(trainer.dataset(Split(train_texts, train_ids), soft_labels),
                 trainer.dataset(Split(val_texts, [ids[label] for label in val_raw])))
     seconds = time.perf_counter() - started
