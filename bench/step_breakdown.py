@@ -81,7 +81,8 @@ def measure(variant, frame, warmup, steps):
         optimizer.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())
         if average is not None:  # as Trainer._optimizer_step does with EMA_DECAY
-            torch._foreach_lerp_(average, [p.detach() for p in params], 0.001)
+            with torch.no_grad():
+                torch._foreach_lerp_(average, params, 0.001)
         marks.append(time.perf_counter())
         for phase, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True):
             totals[phase] += end - start
