@@ -49,10 +49,12 @@ class FullFinetuneConfig:
 
     # Accuracy levers (measured on CLINC150: see README "Accuracy levers")
     POOLING = "cls"  # classifier on the model's [CLS] pooler ("cls", loads in pipeline()) or masked "mean"
+    COSINE_HEAD_SCALE = None  # e.g. 20, with POOLING "mean": logits = scale x cosine(pooled, class weights)
     LAYERWISE_LR_DECAY = 1.0  # < 1: layer i of L learns at LEARNING_RATE * decay ** (L - i); 1: off
     LABEL_SMOOTHING = 0.0  # share of the target probability spread evenly over all classes
     CLASS_WEIGHTS = "none"  # "balanced": loss weighted by rows / (classes x rows of the class)
     REINIT_TOP_LAYERS = 0  # give the top N encoder layers fresh random weights before training
+    FREEZE_WORD_EMBEDDINGS = False  # True: the word-embedding table keeps its pre-trained values
     EMA_DECAY = None  # e.g. 0.999: validate and keep an exponential moving average of the weights; None: off
     RDROP_ALPHA = 0.0  # R-Drop: each batch runs twice (two dropout masks); weight of their KL term. 0: off
     # Distillation: a CSV with a text column and one prob_<label> column per label (the oof.csv of
@@ -118,6 +120,9 @@ class FullFinetuneConfig:
             raise FinetuneError(f"RDROP_ALPHA must be 0 or more, not {self.RDROP_ALPHA!r}.")
         if self.EMA_DECAY is not None and not 0 < self.EMA_DECAY < 1:
             raise FinetuneError(f"EMA_DECAY must be None or in (0, 1), not {self.EMA_DECAY!r}.")
+        if self.COSINE_HEAD_SCALE is not None and not (self.COSINE_HEAD_SCALE > 0 and self.POOLING == "mean"):
+            raise FinetuneError(f"COSINE_HEAD_SCALE must be None, or positive with POOLING = \"mean\" "
+                                f"(it is {self.COSINE_HEAD_SCALE!r} with POOLING = {self.POOLING!r}).")
         if not isinstance(self.N_FOLDS, int) or self.N_FOLDS < 2:
             raise FinetuneError(f"N_FOLDS must be a whole number of at least 2, not {self.N_FOLDS!r}.")
         if self.EARLY_STOPPING_PATIENCE is not None and (

@@ -23,8 +23,8 @@ Every weight of the model is trained. Features, and what each costs:
 - AdamW (fused kernel when FUSED_ADAMW) without weight decay on biases and LayerNorm weights,
   optionally with layer-wise learning-rate decay; linear warm-up, then linear or cosine decay,
   stepped once per optimizer step; gradient clipping.
-- Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head,
-  re-initialised top layers (all free); an exponential moving average of the weights, validated
+- Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head
+  (linear or cosine), re-initialised top layers (all free); an exponential moving average of the weights, validated
   and kept instead of the raw weights (one more copy of the weights, a few % of the time); R-Drop
   (every batch runs twice with different dropout: twice the activation memory, ~1.7x the time
   with MiniLM on CPU);
@@ -40,12 +40,13 @@ Every weight of the model is trained. Features, and what each costs:
 - Under torchrun: DDP with sharded batches, all-reduce once per optimizer step, evaluation
   gathered from every rank; a stop request costs one tiny all-reduce per step to agree on.
 
-Refused up front, with one sentence (FinetuneError): out-of-range settings (config.validate), an
-output directory that cannot be written, a data file that is missing, not UTF-8, lacks the
-configured columns, or has a class too small to appear in every split, a model that is neither
-a local folder, the packaged offline model, nor reachable on the hub, and a resume whose settings,
-labels or number of processes differ from the checkpoint's. fp16 is CUDA-only: asked for on a
-CPU, the run says so and uses bf16 (or fp32 where the CPU lacks bf16). `cv` runs in one process.
+Refused up front, with one sentence (FinetuneError): out-of-range settings (config.validate; a
+cosine head without mean pooling among them), SOFT_TARGETS in `cv`, an output directory that
+cannot be written, a data file that is missing, not UTF-8, lacks the configured columns, or has a
+class too small to appear in every split, a model that is neither a local folder, the packaged
+offline model, nor reachable on the hub, and a resume whose settings, labels or number of
+processes differ from the checkpoint's. fp16 is CUDA-only: asked for on a CPU, the run says so and
+uses bf16 (or fp32 where the CPU lacks bf16). `cv` runs in one process.
 
 Importing this module has no side effects; `main(argv)` is the only place that parses arguments
 (and, under torchrun only, joins the process group).
@@ -590,29 +591,39 @@ def load_tokenizer(name):
 
 
 class MeanPoolingClassifier(torch.nn.Module):
-    """A linear classifier on the attention-masked mean of the encoder's last hidden states: the
+    """A classifier on the attention-masked mean of the encoder's last hidden states: the
     pooling that sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with
-    (POOLING = "mean"). Saved as the encoder's Hugging Face folder, marked `"pooling": "mean"`
-    in its config.json, plus mean_pooling_head.pt; reload it with Trainer.from_pretrained."""
+    (POOLING = "mean"). The head is linear, or with `cosine_scale` (COSINE_HEAD_SCALE) that
+    number times the cosine similarity of the pooled vector and each class's weight vector:
+    the geometry those checkpoints' embeddings were trained in. Saved as the encoder's Hugging
+    Face folder, marked `"pooling": "mean"` (and `"cosine_scale"`) in its config.json, plus
+    mean_pooling_head.pt; reload it with Trainer.from_pretrained."""
 
-    def __init__(self, encoder, num_labels):
+    def __init__(self, encoder, num_labels, cosine_scale=None):
         super().__init__()
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # unused here; under DDP a parameter without gradient is an error
         self.encoder = encoder
         self.config = encoder.config  # carries id2label / label2id, like any HF classifier
         self.config.pooling = "mean"
+        self.config.cosine_scale = cosine_scale
         dropout = getattr(encoder.config, "hidden_dropout_prob", getattr(encoder.config, "dropout", 0.1))
         self.dropout = torch.nn.Dropout(dropout)
-        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+        # A cosine head has no bias: it would shift logits whose range the scale is meant to set.
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, bias=cosine_scale is None)
 
     def forward(self, input_ids, attention_mask, **inputs):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+        pooled = self.dropout((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        if self.config.cosine_scale is None:
+            return SequenceClassifierOutput(logits=self.classifier(pooled))
+        # In fp32 even under autocast: bf16 keeps ~3 digits of a cosine, which the scale multiplies.
+        with torch.autocast(pooled.device.type, enabled=False):
+            cosine = F.normalize(pooled.float(), dim=-1) @ F.normalize(self.classifier.weight, dim=-1).T
+        return SequenceClassifierOutput(logits=self.config.cosine_scale * cosine)
 
     def save_pretrained(self, directory):
         self.encoder.save_pretrained(directory)
@@ -623,14 +634,14 @@ class MeanPoolingClassifier(torch.nn.Module):
         from transformers import AutoModel
 
         encoder = AutoModel.from_pretrained(directory)
-        model = cls(encoder, encoder.config.num_labels)
+        model = cls(encoder, encoder.config.num_labels, getattr(encoder.config, "cosine_scale", None))
         model.classifier.load_state_dict(torch.load(Path(directory) / MEAN_HEAD_FILE, weights_only=True))
         return model
 
 
-def load_model_and_tokenizer(name, label_names, pooling="cls"):
+def load_model_and_tokenizer(name, label_names, pooling="cls", cosine_scale=None):
     """A classifier with a fresh head for `label_names` (the model's own head on its [CLS]
-    pooler, or MeanPoolingClassifier), its fast tokenizer, and where it came from."""
+    pooler, or MeanPoolingClassifier, linear or cosine), its fast tokenizer, and where it came from."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(name)
@@ -639,7 +650,7 @@ def load_model_and_tokenizer(name, label_names, pooling="cls"):
     if pooling == "mean":
         encoder = load_pretrained(name, lambda source, cache_only: AutoModel.from_pretrained(
             source, local_files_only=cache_only, **labels))
-        model = MeanPoolingClassifier(encoder, len(label_names))
+        model = MeanPoolingClassifier(encoder, len(label_names), cosine_scale)
     else:
         model = load_pretrained(name, lambda source, cache_only: AutoModelForSequenceClassification.from_pretrained(
             source, local_files_only=cache_only, ignore_mismatched_sizes=True, **labels))  # new head if need be
@@ -666,6 +677,15 @@ def reinit_top_layers(model, count):
                 torch.nn.init.ones_(module.weight)
                 torch.nn.init.zeros_(module.bias)
     return count
+
+
+def freeze_word_embeddings(model):
+    """Stop training the word-embedding table. Fine-tuning moves only the rows of words seen in
+    training, away from the unseen words they were pre-trained next to (synonyms met first at
+    test time); frozen, they keep those neighbours, and the optimizer skips the largest matrix."""
+    (table,) = [module for name, module in model.named_modules()
+                if name.endswith("word_embeddings") and isinstance(module, torch.nn.Embedding)]
+    table.weight.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,8 +745,10 @@ def balanced_class_weights(labels, num_classes):
 RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "TRAIN_RATIO",
                      "VAL_RATIO", "SEED", "MAX_LENGTH", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
                      "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
-                     "POOLING", "REINIT_TOP_LAYERS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
-                     "EMA_DECAY", "RDROP_ALPHA", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
+                     "POOLING", "COSINE_HEAD_SCALE", "REINIT_TOP_LAYERS", "FREEZE_WORD_EMBEDDINGS",
+                     "LAYERWISE_LR_DECAY",
+                     "LABEL_SMOOTHING", "CLASS_WEIGHTS", "EMA_DECAY", "RDROP_ALPHA", "SOFT_TARGETS",
+                     "SOFT_TARGET_WEIGHT")
 
 
 def load_checkpoint(path):
@@ -780,9 +802,11 @@ class Trainer:
                 raise FinetuneError("Trainer needs label_names to build the classifier head "
                                     "(load_data(config).label_names).")
             model, tokenizer, self.model_source = load_model_and_tokenizer(
-                self.config.MODEL_NAME, label_names, self.config.POOLING)
+                self.config.MODEL_NAME, label_names, self.config.POOLING, self.config.COSINE_HEAD_SCALE)
             if self.config.REINIT_TOP_LAYERS:
                 reinit_top_layers(model, self.config.REINIT_TOP_LAYERS)
+        if self.config.FREEZE_WORD_EMBEDDINGS:  # before fit builds the optimizer over what trains
+            freeze_word_embeddings(model)
         self.label_names = list(label_names if label_names is not None
                                 else (model.config.id2label[i] for i in range(model.config.num_labels)))
         self.model = model.to(self.device)
@@ -1559,10 +1583,12 @@ TRAIN_FLAGS = (
     ("--patience", "EARLY_STOPPING_PATIENCE", int, "epochs without improvement before stopping"),
     ("--save-every", "SAVE_EVERY_STEPS", int, "optimizer steps between resumable checkpoints"),
     ("--pooling", "POOLING", str, "classifier input: cls (the model's pooler) or mean (masked mean)"),
+    ("--cosine-head", "COSINE_HEAD_SCALE", float, "with --pooling mean: a cosine head with this scale (e.g. 20)"),
     ("--llrd", "LAYERWISE_LR_DECAY", float, "layer-wise learning-rate decay (1: off)"),
     ("--label-smoothing", "LABEL_SMOOTHING", float, "label smoothing of the loss"),
     ("--class-weights", "CLASS_WEIGHTS", str, "none or balanced"),
     ("--reinit-top-layers", "REINIT_TOP_LAYERS", int, "encoder layers to re-initialise before training"),
+    ("--freeze-word-embeddings", "FREEZE_WORD_EMBEDDINGS", bool, "do not train the word-embedding table"),
     ("--ema-decay", "EMA_DECAY", float, "keep a moving average of the weights with this decay (e.g. 0.999)"),
     ("--rdrop", "RDROP_ALPHA", float, "R-Drop: weight of the KL term between two dropout passes (0: off)"),
     ("--soft-targets", "SOFT_TARGETS", str, "CSV of text and prob_<label> columns (cv's oof.csv) to distil from"),
@@ -1595,8 +1621,11 @@ def build_train_parser(cv=False):
                         help="start from a named preset of config.py instead of FullFinetuneConfig")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for flag, attribute, kind, meaning in TRAIN_FLAGS:
-        parser.add_argument(flag, dest=attribute, type=kind, metavar=attribute,
-                            help=f"{meaning} (config.py: {getattr(FullFinetuneConfig, attribute)!r})")
+        meaning = f"{meaning} (config.py: {getattr(FullFinetuneConfig, attribute)!r})"
+        if kind is bool:  # a switch: present turns the setting on, absent leaves config.py's value
+            parser.add_argument(flag, dest=attribute, action="store_const", const=True, help=meaning)
+        else:
+            parser.add_argument(flag, dest=attribute, type=kind, metavar=attribute, help=meaning)
     return parser
 
 

@@ -8,6 +8,8 @@ variant, then a Markdown table.
     python bench/levers_clinc150.py --variants base mean --epochs 3
     python bench/levers_clinc150.py --quick               # 2,000 training rows, 1 epoch: a smoke test
     python bench/levers_clinc150.py --variants mean_llrd_smoothing --set EMA_DECAY=0.999   # any setting
+    python bench/levers_clinc150.py --variants mean_llrd_smoothing --probs-out /tmp/probs/seed42
+                                            # also keep test.csv's probabilities, for bench/ensemble_clinc150.py
 """
 
 import argparse
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +59,7 @@ def parse_setting(text):
         return key, value
 
 
-def run_variant(name, overrides, data, epochs, output_dir):
+def run_variant(name, overrides, data, epochs, output_dir, probs_out=None):
     config = FullFinetuneConfig()
     config.EPOCHS = epochs
     config.OUTPUT_DIR = str(output_dir / name)  # checkpoints only
@@ -74,7 +77,11 @@ def run_variant(name, overrides, data, epochs, output_dir):
     trainer.fit(trainer.dataset(Split(train_texts, train_ids), soft_labels),
                 trainer.dataset(Split(val_texts, [ids[label] for label in val_raw])))
     seconds = time.perf_counter() - started
-    test = trainer.evaluate(trainer.dataset(Split(test_texts, [ids[label] for label in test_raw])))
+    test_dataset = trainer.dataset(Split(test_texts, [ids[label] for label in test_raw]))
+    test = trainer.evaluate(test_dataset)
+    if probs_out:  # rows in test.csv's order, columns the sorted intent names
+        Path(probs_out).parent.mkdir(parents=True, exist_ok=True)
+        np.save(f"{probs_out}.npy", trainer.predict_logits(test_dataset).softmax(-1).numpy())
     trainer.checkpoint_path.unlink(missing_ok=True)
     return {"variant": name, "settings": overrides, "epochs_run": len(trainer.history),
             "best_epoch": trainer.best_epoch, "val_accuracy": trainer.history[trainer.best_epoch - 1]["val_accuracy"],
@@ -93,13 +100,17 @@ def main():
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="change a config.py setting in every variant, e.g. --set LEARNING_RATE=3e-4")
     parser.add_argument("--output-dir", default="/tmp/levers_clinc150", help="scratch folder for checkpoints")
+    parser.add_argument("--probs-out", metavar="PATH",
+                        help="save test.csv's probabilities to PATH.npy (PATH-VARIANT.npy with several variants)")
     args = parser.parse_args()
     folder = Path(args.data)
     limit, epochs = (2000, 1) if args.quick else (None, args.epochs)
     data = (read(folder / "train.csv", limit), read(folder / "val.csv"), read(folder / "test.csv"))
     rows = []
     for name in args.variants:
-        rows.append(run_variant(name, {**VARIANTS[name], **dict(args.set)}, data, epochs, Path(args.output_dir)))
+        probs_out = args.probs_out and (args.probs_out if len(args.variants) == 1 else f"{args.probs_out}-{name}")
+        rows.append(run_variant(name, {**VARIANTS[name], **dict(args.set)}, data, epochs, Path(args.output_dir),
+                                probs_out))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| variant | settings | epochs run (best) | val acc | test acc | test macro F1 | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -84,6 +84,14 @@ def test_flags_override_only_what_they_name():
     assert config.MODEL_NAME == "distilbert-base-uncased"
     assert config.BATCH_SIZE == ModelConfigs.PRESETS["distilbert"]["BATCH_SIZE"]
     assert config.SEED == FullFinetuneConfig.SEED
+    assert config.FREEZE_WORD_EMBEDDINGS is False
+
+
+def test_a_switch_flag_turns_its_setting_on():
+    args = full_finetune.build_train_parser().parse_args(["--freeze-word-embeddings", "--pooling", "mean",
+                                                          "--cosine-head", "20"])
+    config = full_finetune.config_from_args(args)
+    assert config.FREEZE_WORD_EMBEDDINGS is True and config.COSINE_HEAD_SCALE == 20.0
 
 
 def test_help_documents_the_flags(capsys):

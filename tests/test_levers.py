@@ -1,5 +1,5 @@
-"""The accuracy levers: mean pooling, layer-wise learning-rate decay, label smoothing, class
-weights, re-initialised top layers."""
+"""The accuracy levers: mean pooling (linear or cosine head), layer-wise learning-rate decay, label
+smoothing, class weights, re-initialised top layers."""
 
 import json
 
@@ -19,13 +19,13 @@ from full_finetune import (
 )
 
 
-def mean_model(tokenizer):
+def mean_model(tokenizer, cosine_scale=None):
     from transformers import BertModel
 
     torch.manual_seed(0)
     encoder = BertModel(tiny_bert(tokenizer).config)
     encoder.config.id2label = {0: "a", 1: "b", 2: "c"}
-    return MeanPoolingClassifier(encoder, 3).eval()
+    return MeanPoolingClassifier(encoder, 3, cosine_scale).eval()
 
 
 def test_mean_pooling_ignores_padding(tokenizer):
@@ -39,14 +39,41 @@ def test_mean_pooling_ignores_padding(tokenizer):
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
 
 
-def test_a_mean_pooling_run_saves_a_folder_that_predicts_the_same(tiny_config, tmp_path):
-    tiny_config.POOLING = "mean"
+def test_the_cosine_head_is_the_scaled_cosine_of_the_pooled_vector_and_each_class_weight(tokenizer):
+    model = mean_model(tokenizer, cosine_scale=16.0)
+    assert model.classifier.bias is None
+    batch = {k: torch.tensor(v) for k, v in tokenizer(["where is my parcel", "how much"], padding=True).items()}
+    pooled = []
+    model.dropout.register_forward_hook(lambda module, args, output: pooled.append(output.float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the encoder runs in bf16, the head must not
+        logits = model(**batch).logits
+    weight = model.classifier.weight
+    by_hand = 16.0 * torch.stack([torch.stack([torch.dot(p, w) / (p.norm() * w.norm()) for w in weight])
+                                  for p in pooled[0]])
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, by_hand, atol=1e-4, rtol=1e-4)
+    assert logits.abs().max() <= 16.0
+
+
+def test_a_cosine_head_needs_mean_pooling():
+    with pytest.raises(full_finetune.FinetuneError, match="COSINE_HEAD_SCALE"):
+        config_for(COSINE_HEAD_SCALE=20.0).validate()  # POOLING is "cls"
+    with pytest.raises(full_finetune.FinetuneError, match="COSINE_HEAD_SCALE"):
+        config_for(COSINE_HEAD_SCALE=0.0, POOLING="mean").validate()
+    config_for(COSINE_HEAD_SCALE=20.0, POOLING="mean").validate()
+
+
+@pytest.mark.parametrize("cosine_scale", [None, 10.0])
+def test_a_mean_pooling_run_saves_a_folder_that_predicts_the_same(tiny_config, tmp_path, cosine_scale):
+    tiny_config.POOLING, tiny_config.COSINE_HEAD_SCALE = "mean", cosine_scale
     metrics = full_finetune.run_training(tiny_config)
     folder = full_finetune.Path(tiny_config.OUTPUT_DIR) / "full_finetune_model"
     assert (folder / "mean_pooling_head.pt").is_file()
-    assert json.loads((folder / "config.json").read_text())["pooling"] == "mean"
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["pooling"] == "mean" and saved["cosine_scale"] == cosine_scale
     reloaded = Trainer.from_pretrained(folder, progress=False)
     assert isinstance(reloaded.model, MeanPoolingClassifier)
+    assert reloaded.model.config.cosine_scale == cosine_scale
     assert reloaded.label_names == ["delivery", "price", "refund"]
     data = full_finetune.load_data(tiny_config)
     assert reloaded.evaluate(reloaded.dataset(data.test))["accuracy"] == metrics["accuracy"]
@@ -91,6 +118,23 @@ def test_reinit_top_layers_changes_only_the_top_layers_of_a_loaded_model(tiny_mo
     assert not torch.equal(before[top], after[top])
     assert torch.equal(after["bert.encoder.layer.1.output.LayerNorm.weight"], torch.ones(32))
     assert torch.equal(before[bottom], after[bottom])
+
+
+def test_frozen_word_embeddings_keep_their_values_while_the_rest_trains(tiny_model_factory, tokenizer):
+    train, names = splits()
+    model = tiny_model_factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(config_for(EPOCHS=1, FREEZE_WORD_EMBEDDINGS=True, EMA_DECAY=0.9), names, model=model,
+                      tokenizer=tokenizer, progress=False)
+    dataset = trainer.dataset(train)
+    trainer.fit(dataset, dataset)
+    after = trainer.model.state_dict()
+    table = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(before[table], after[table])
+    assert not torch.equal(before["bert.embeddings.position_embeddings.weight"],
+                           after["bert.embeddings.position_embeddings.weight"])
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    assert len(trainer.trained_params) == len(list(model.parameters())) - 1
 
 
 def test_mean_pooling_drops_the_unused_pooler_so_ddp_sees_no_idle_parameters(tokenizer):
