@@ -137,6 +137,11 @@ def test_frozen_word_embeddings_keep_their_values_while_the_rest_trains(tiny_mod
     assert len(trainer.trained_params) == len(list(model.parameters())) - 1
 
 
+def test_freezing_a_model_without_a_word_embedding_table_is_refused_in_one_sentence():
+    with pytest.raises(full_finetune.FinetuneError, match="FREEZE_WORD_EMBEDDINGS needs one"):
+        full_finetune.freeze_word_embeddings(torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 2)))
+
+
 def test_mean_pooling_drops_the_unused_pooler_so_ddp_sees_no_idle_parameters(tokenizer):
     model = mean_model(tokenizer).train()
     batch = {k: torch.tensor(v) for k, v in tokenizer(["where is my parcel"]).items()}
