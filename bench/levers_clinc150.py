@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import FullFinetuneConfig  # noqa: E402
-from full_finetune import Split, Trainer, encode_labels, read_soft_targets  # noqa: E402
+from full_finetune import Split, Trainer, classification_metrics, encode_labels, read_soft_targets  # noqa: E402
 
 # Each variant changes the base settings (the config.py defaults) by these values only.
 VARIANTS = {
@@ -77,11 +77,12 @@ def run_variant(name, overrides, data, epochs, output_dir, probs_out=None):
     trainer.fit(trainer.dataset(Split(train_texts, train_ids), soft_labels),
                 trainer.dataset(Split(val_texts, [ids[label] for label in val_raw])))
     seconds = time.perf_counter() - started
-    test_dataset = trainer.dataset(Split(test_texts, [ids[label] for label in test_raw]))
-    test = trainer.evaluate(test_dataset)
+    test_labels = [ids[label] for label in test_raw]
+    logits = trainer.predict_logits(trainer.dataset(Split(test_texts, test_labels)))
+    test = classification_metrics(np.array(test_labels), logits.argmax(-1).numpy(), label_names)
     if probs_out:  # rows in test.csv's order, columns the sorted intent names
         Path(probs_out).parent.mkdir(parents=True, exist_ok=True)
-        np.save(f"{probs_out}.npy", trainer.predict_logits(test_dataset).softmax(-1).numpy())
+        np.save(f"{probs_out}.npy", logits.softmax(-1).numpy())
     trainer.checkpoint_path.unlink(missing_ok=True)
     return {"variant": name, "settings": overrides, "epochs_run": len(trainer.history),
             "best_epoch": trainer.best_epoch, "val_accuracy": trainer.history[trainer.best_epoch - 1]["val_accuracy"],
