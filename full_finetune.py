@@ -25,12 +25,11 @@ fixed). Features, and what each costs:
   optionally with layer-wise learning-rate decay; linear warm-up, then linear or cosine decay,
   stepped once per optimizer step; gradient clipping.
 - Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head
-  (linear or cosine), re-initialised top layers (all free); frozen word embeddings (saves ~10% of
-  a MiniLM step); an exponential moving average of the weights, validated and kept instead of the
-  raw weights (one more copy of the weights, a few % of the time); R-Drop
-  (every batch runs twice with different dropout: twice the activation memory, ~1.7x the time
-  with MiniLM on CPU);
-  distillation from soft targets such as a fold ensemble's out-of-fold probabilities (free).
+  (linear or cosine), re-initialised top layers, distillation from soft targets such as a fold
+  ensemble's out-of-fold probabilities (all free); frozen word embeddings (saves ~10% of a MiniLM
+  step); an exponential moving average of the weights, validated and kept instead of the raw
+  weights (one more copy of the weights, a few % of the time); R-Drop (every batch runs twice with
+  different dropout: twice the activation memory, ~1.7x the time with MiniLM on CPU).
 - Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
   (one extra copy of the weights in CPU memory) and restored at the end.
 - A data audit before training (data_report.json): balance, token lengths, duplicates, conflicts.
