@@ -50,6 +50,7 @@ class FullFinetuneConfig:
     # Accuracy levers (measured on CLINC150: see README "Accuracy levers")
     POOLING = "cls"  # classifier on the model's [CLS] pooler ("cls", loads in pipeline()) or masked "mean"
     COSINE_HEAD_SCALE = None  # e.g. 20, with POOLING "mean": logits = scale x cosine(pooled, class weights)
+    PROTOTYPE_HEAD_INIT = False  # True, with the cosine head: class weights start at the classes' mean pooled vectors
     LAYERWISE_LR_DECAY = 1.0  # < 1: layer i of L learns at LEARNING_RATE * decay ** (L - i); 1: off
     LABEL_SMOOTHING = 0.0  # share of the target probability spread evenly over all classes
     CLASS_WEIGHTS = "none"  # "balanced": loss weighted by rows / (classes x rows of the class)
@@ -123,6 +124,9 @@ class FullFinetuneConfig:
         if self.COSINE_HEAD_SCALE is not None and not (self.COSINE_HEAD_SCALE > 0 and self.POOLING == "mean"):
             raise FinetuneError(f"COSINE_HEAD_SCALE must be None, or positive with POOLING = \"mean\" "
                                 f"(it is {self.COSINE_HEAD_SCALE!r} with POOLING = {self.POOLING!r}).")
+        if self.PROTOTYPE_HEAD_INIT and self.COSINE_HEAD_SCALE is None:
+            raise FinetuneError("PROTOTYPE_HEAD_INIT needs the cosine head: set COSINE_HEAD_SCALE "
+                                "(with POOLING = \"mean\").")
         if not isinstance(self.N_FOLDS, int) or self.N_FOLDS < 2:
             raise FinetuneError(f"N_FOLDS must be a whole number of at least 2, not {self.N_FOLDS!r}.")
         if self.EARLY_STOPPING_PATIENCE is not None and (

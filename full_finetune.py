@@ -26,7 +26,8 @@ fixed). Features, and what each costs:
   stepped once per optimizer step; gradient clipping.
 - Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head
   (linear or cosine), re-initialised top layers, distillation from soft targets such as a fold
-  ensemble's out-of-fold probabilities (all free); frozen word embeddings (saves ~10% of a MiniLM
+  ensemble's out-of-fold probabilities (all free); a cosine head started at the class centroids
+  (one forward pass over the training set); frozen word embeddings (saves ~10% of a MiniLM
   step); an exponential moving average of the weights, validated and kept instead of the raw
   weights (one more copy of the weights, a few % of the time); R-Drop (every batch runs twice with
   different dropout: twice the activation memory, ~1.7x the time with MiniLM on CPU).
@@ -42,12 +43,13 @@ fixed). Features, and what each costs:
   gathered from every rank; a stop request costs one tiny all-reduce per step to agree on.
 
 Refused up front, with one sentence (FinetuneError): out-of-range settings (config.validate; a
-cosine head without mean pooling among them), SOFT_TARGETS in `cv`, an output directory that
-cannot be written, a data file that is missing, not UTF-8, lacks the configured columns, or has a
-class too small to appear in every split, a model that is neither a local folder, the packaged
-offline model, nor reachable on the hub, and a resume whose settings, labels or number of
-processes differ from the checkpoint's. fp16 is CUDA-only: asked for on a CPU, the run says so and
-uses bf16 (or fp32 where the CPU lacks bf16). `cv` runs in one process.
+cosine head without mean pooling, or a centroid start without a cosine head, among them),
+SOFT_TARGETS in `cv`, an output directory that cannot be written, a data file that is missing, not
+UTF-8, lacks the configured columns, or has a class too small to appear in every split, a model
+that is neither a local folder, the packaged offline model, nor reachable on the hub, and a
+resume whose settings, labels or number of processes differ from the checkpoint's. fp16 is
+CUDA-only: asked for on a CPU, the run says so and uses bf16 (or fp32 where the CPU lacks bf16).
+`cv` runs in one process.
 
 Importing this module has no side effects; `main(argv)` is the only place that parses arguments
 (and, under torchrun only, joins the process group).
@@ -613,12 +615,16 @@ class MeanPoolingClassifier(torch.nn.Module):
         # A cosine head has no bias: it would shift logits whose range the scale is meant to set.
         self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, bias=cosine_scale is None)
 
+    def pool(self, input_ids, attention_mask, **inputs):
+        """The attention-masked mean of the last hidden states: one vector per text."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
     def forward(self, input_ids, attention_mask, **inputs):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = self.dropout((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        pooled = self.dropout(self.pool(input_ids, attention_mask, **inputs))
         if self.config.cosine_scale is None:
             return SequenceClassifierOutput(logits=self.classifier(pooled))
         # In fp32 even under autocast: bf16 keeps ~3 digits of a cosine, which the scale multiplies.
@@ -749,9 +755,9 @@ def balanced_class_weights(labels, num_classes):
 RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "TRAIN_RATIO",
                      "VAL_RATIO", "SEED", "MAX_LENGTH", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
                      "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
-                     "POOLING", "COSINE_HEAD_SCALE", "REINIT_TOP_LAYERS", "FREEZE_WORD_EMBEDDINGS",
-                     "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS", "EMA_DECAY", "RDROP_ALPHA",
-                     "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
+                     "POOLING", "COSINE_HEAD_SCALE", "PROTOTYPE_HEAD_INIT", "REINIT_TOP_LAYERS",
+                     "FREEZE_WORD_EMBEDDINGS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
+                     "EMA_DECAY", "RDROP_ALPHA", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
 
 
 def load_checkpoint(path):
@@ -878,6 +884,8 @@ class Trainer:
                             generator=torch.Generator())
         steps_per_epoch = math.ceil(len(loader) / config.GRADIENT_ACCUMULATION_STEPS)
         total_steps = steps_per_epoch * config.EPOCHS
+        if config.PROTOTYPE_HEAD_INIT and checkpoint is None:  # a checkpoint brings its own head
+            self._start_head_at_class_means(train_dataset)
         self.optimizer = build_optimizer(self.model, config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
             lr_multiplier, warmup_steps=round(config.WARMUP_RATIO * total_steps),
@@ -912,6 +920,26 @@ class Trainer:
                 self.save_checkpoint()
         self.model.load_state_dict(self.best_state)
         return self.history
+
+    @torch.inference_mode()
+    def _start_head_at_class_means(self, dataset):
+        """PROTOTYPE_HEAD_INIT: each class's cosine-head weight starts as the mean direction of its
+        training texts' pooled vectors, so training starts from a nearest-centroid classifier in
+        the encoder's own embedding space instead of from random directions. Every process makes
+        the whole pass, so all of them start from the same head."""
+        model = self.model
+        if not (isinstance(model, MeanPoolingClassifier) and model.config.cosine_scale):
+            raise FinetuneError("PROTOTYPE_HEAD_INIT needs the cosine head (POOLING = \"mean\" with "
+                                "COSINE_HEAD_SCALE), whose class weights live in the pooled vectors' space.")
+        sums = torch.zeros(model.classifier.weight.shape, device=self.device)
+        model.eval()
+        for rows, inputs in self._batches_in_length_order(dataset, range(len(dataset))):
+            with self.autocast:
+                pooled = model.pool(**inputs)
+            labels = torch.tensor([dataset.labels[row] for row in rows], device=self.device)
+            sums.index_add_(0, labels, F.normalize(pooled.float(), dim=-1))
+        seen = sums.norm(dim=-1) > 0  # a class without training rows keeps its random weight
+        model.classifier.weight[seen] = F.normalize(sums[seen], dim=-1)
 
     def _patience_exhausted(self):
         patience = self.config.EARLY_STOPPING_PATIENCE
@@ -1169,24 +1197,31 @@ class Trainer:
 
     # -- evaluation and prediction -------------------------------------------------------------
 
+    def _batches_in_length_order(self, dataset, rows):
+        """(row numbers, model inputs on the device) for batches of `rows` of `dataset`, formed in
+        order of length so that almost nothing is padded; labels are left out."""
+        by_length = sorted(rows, key=dataset.lengths.__getitem__)
+        size = self.config.EVAL_BATCH_SIZE
+        # Its own generator: a loader otherwise draws its seed from the global RNG, which drives dropout.
+        loader = DataLoader(dataset, batch_size=size, sampler=by_length, collate_fn=self.collate,
+                            generator=torch.Generator())
+        for start, batch in zip(range(0, len(by_length), size), loader, strict=True):
+            inputs = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()
+                      if key not in ("labels", "soft_labels")}
+            yield by_length[start:start + size], inputs
+
     @torch.inference_mode()
     def predict_logits(self, dataset):
-        """Logits for every row of `dataset`, in its order; batches are formed in order of length
-        so that almost nothing is padded."""
+        """Logits for every row of `dataset`, in its order."""
         # Each process takes every world_size-th row; the logits are gathered, each row once.
-        rows = range(self.rank, len(dataset), self.world_size)
-        by_length = sorted(rows, key=dataset.lengths.__getitem__)
-        loader = DataLoader(dataset, batch_size=self.config.EVAL_BATCH_SIZE, sampler=by_length,
-                            collate_fn=self.collate, generator=torch.Generator())
         self.model.eval()
-        chunks = []
-        for batch in loader:
-            batch.pop("labels", None)
-            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        order, chunks = [], []
+        for rows, inputs in self._batches_in_length_order(dataset, range(self.rank, len(dataset), self.world_size)):
             with self.autocast:
-                chunks.append(self.model(**batch).logits.float().cpu())
+                chunks.append(self.model(**inputs).logits.float().cpu())
+            order += rows
         logits = torch.empty(len(dataset), len(self.label_names))
-        for rows, values in gather_objects((by_length, torch.cat(chunks) if chunks else logits[:0]),
+        for rows, values in gather_objects((order, torch.cat(chunks) if chunks else logits[:0]),
                                            self.world_size):
             logits[rows] = values
         return logits
@@ -1587,6 +1622,7 @@ TRAIN_FLAGS = (
     ("--save-every", "SAVE_EVERY_STEPS", int, "optimizer steps between resumable checkpoints"),
     ("--pooling", "POOLING", str, "classifier input: cls (the model's pooler) or mean (masked mean)"),
     ("--cosine-head", "COSINE_HEAD_SCALE", float, "with --pooling mean: a cosine head with this scale (e.g. 20)"),
+    ("--prototype-head", "PROTOTYPE_HEAD_INIT", bool, "start the cosine head at the classes' mean pooled vectors"),
     ("--llrd", "LAYERWISE_LR_DECAY", float, "layer-wise learning-rate decay (1: off)"),
     ("--label-smoothing", "LABEL_SMOOTHING", float, "label smoothing of the loss"),
     ("--class-weights", "CLASS_WEIGHTS", str, "none or balanced"),

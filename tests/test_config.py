@@ -89,9 +89,10 @@ def test_flags_override_only_what_they_name():
 
 def test_a_switch_flag_turns_its_setting_on():
     args = full_finetune.build_train_parser().parse_args(["--freeze-word-embeddings", "--pooling", "mean",
-                                                          "--cosine-head", "20"])
+                                                          "--cosine-head", "20", "--prototype-head"])
     config = full_finetune.config_from_args(args)
     assert config.FREEZE_WORD_EMBEDDINGS is True and config.COSINE_HEAD_SCALE == 20.0
+    assert config.PROTOTYPE_HEAD_INIT is True
 
 
 def test_help_documents_the_flags(capsys):

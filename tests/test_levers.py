@@ -63,6 +63,37 @@ def test_a_cosine_head_needs_mean_pooling():
     config_for(COSINE_HEAD_SCALE=20.0, POOLING="mean").validate()
 
 
+def test_the_prototype_head_starts_each_class_at_the_mean_direction_of_its_texts(tokenizer):
+    train, names = splits(rows_per_class=5)
+    model = mean_model(tokenizer, cosine_scale=10.0)
+    model.classifier.weight.data[2] = torch.tensor(7.0)  # the third class gets no rows below
+    rows = [(text, label) for text, label in zip(train.texts, train.labels, strict=True) if label < 2]
+    trainer = Trainer(config_for(POOLING="mean", COSINE_HEAD_SCALE=10.0, PROTOTYPE_HEAD_INIT=True, EVAL_BATCH_SIZE=4),
+                      names, model=model, tokenizer=tokenizer, progress=False)
+    rng = torch.get_rng_state()
+    trainer._start_head_at_class_means(trainer.dataset(full_finetune.Split(*map(list, zip(*rows, strict=True)))))
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout and batch order stay those of a run without it
+    for label in (0, 1):
+        with torch.no_grad():  # one text at a time, unpadded
+            pooled = torch.cat([model.pool(**{k: torch.tensor(v) for k, v in tokenizer([text]).items()})
+                                for text, y in rows if y == label])
+        direction = torch.nn.functional.normalize(pooled, dim=-1).mean(0)
+        torch.testing.assert_close(model.classifier.weight[label], direction / direction.norm(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.classifier.weight[2], torch.full((32,), 7.0))
+
+
+def test_the_prototype_head_needs_a_cosine_head(tokenizer):
+    with pytest.raises(full_finetune.FinetuneError, match="PROTOTYPE_HEAD_INIT needs the cosine head"):
+        config_for(POOLING="mean", PROTOTYPE_HEAD_INIT=True).validate()
+    train, names = splits(rows_per_class=2)
+    # A model passed in with a linear head, though the config names a cosine one.
+    trainer = Trainer(config_for(POOLING="mean", COSINE_HEAD_SCALE=10.0, PROTOTYPE_HEAD_INIT=True, EPOCHS=1),
+                      names, model=mean_model(tokenizer), tokenizer=tokenizer, progress=False)
+    dataset = trainer.dataset(train)
+    with pytest.raises(full_finetune.FinetuneError, match="PROTOTYPE_HEAD_INIT needs the cosine head"):
+        trainer.fit(dataset, dataset)
+
+
 @pytest.mark.parametrize("cosine_scale", [None, 10.0])
 def test_a_mean_pooling_run_saves_a_folder_that_predicts_the_same(tiny_config, tmp_path, cosine_scale):
     tiny_config.POOLING, tiny_config.COSINE_HEAD_SCALE = "mean", cosine_scale
