@@ -7,6 +7,8 @@
     python full_finetune.py predict --model-dir outputs/full_finetune_model \\
         --input data/test.csv --output submission.csv
     python full_finetune.py evaluate --model-dir outputs/full_finetune_model --input labelled.csv
+    python full_finetune.py soup --model-dir run1/full_finetune_model run2/full_finetune_model \\
+        --output soup_model                        # one model: the average of their weights
     torchrun --nproc_per_node 4 full_finetune.py   # DistributedDataParallel, one process per GPU
 
 Every weight of the model is trained (FREEZE_WORD_EMBEDDINGS can keep the word-embedding table
@@ -1451,6 +1453,42 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
     return submission
 
 
+def average_weights(states):
+    """The element-wise mean of several state dicts' floating-point tensors (a "model soup");
+    integer buffers, such as position ids, are equal in all of them and taken from the first."""
+    return {key: torch.stack([state[key].float() for state in states]).mean(0).to(value.dtype)
+            if value.is_floating_point() else value for key, value in states[0].items()}
+
+
+def run_soup(model_dirs, output_path, config=None):
+    """Average the weights of saved model folders into one model folder: the size and speed of
+    one model. Only runs of one recipe that started from the same weights average well (seeds of
+    a run with PROTOTYPE_HEAD_INIT; see README); score the result with `evaluate`. All the models
+    are held in memory at once; the soup keeps the first one's tokenizer and MAX_LENGTH."""
+    model_dirs = list(model_dirs)
+    if len(model_dirs) < 2:
+        raise FinetuneError("A soup averages at least two model folders; give more to --model-dir.")
+    if any(Path(output_path).resolve() == Path(model_dir).resolve() for model_dir in model_dirs):
+        raise FinetuneError(f"{output_path} is one of the folders to average; write the soup to a new folder.")
+    trainers = [Trainer.from_pretrained(model_dir, config, progress=False) for model_dir in model_dirs]
+    first = trainers[0]
+
+    def architecture(model):
+        return type(model), getattr(model.config, "cosine_scale", None), \
+            {key: value.shape for key, value in model.state_dict().items()}
+    for model_dir, trainer in zip(model_dirs[1:], trainers[1:], strict=True):
+        if trainer.label_names != first.label_names:
+            raise FinetuneError(f"{model_dir} predicts other labels than {model_dirs[0]}; "
+                                "only models trained on the same labels can be averaged.")
+        if architecture(trainer.model) != architecture(first.model):
+            raise FinetuneError(f"{model_dir} has another architecture or head than {model_dirs[0]}; "
+                                "only models of one architecture can be averaged.")
+    first.model.load_state_dict(average_weights([trainer.model.state_dict() for trainer in trainers]))
+    write_user_file(output_path, first.save_pretrained)
+    print(f"Wrote the average of {len(model_dirs)} models ({', '.join(map(str, model_dirs))}) to {output_path}.")
+    return first
+
+
 def run_evaluate(model_dir, input_path, text_column="text", label_column="label", output_path=None,
                  config=None):
     """Score a saved model on a labelled CSV; labels it was not trained on are refused."""
@@ -1695,6 +1733,17 @@ def build_evaluate_parser():
     return parser
 
 
+def build_soup_parser():
+    parser = argparse.ArgumentParser(
+        prog="full_finetune.py soup",
+        description="Average the weights of several saved models of one architecture into one model folder.")
+    parser.add_argument("--model-dir", required=True, nargs="+",
+                        help="two or more saved model folders (runs of one recipe that differ in the seed)")
+    parser.add_argument("--output", required=True, help="folder to write the averaged model to")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
 def config_from_args(args):
     config = ModelConfigs.get_config(args.preset) if args.preset else FullFinetuneConfig()
     for attribute in [flag[1] for flag in TRAIN_FLAGS] + ["N_FOLDS"]:
@@ -1714,6 +1763,9 @@ def main(argv=None):
         elif argv[:1] == ["cv"]:
             args = build_train_parser(cv=True).parse_args(argv[1:])
             run_cv(config_from_args(args), args.test)
+        elif argv[:1] == ["soup"]:
+            args = build_soup_parser().parse_args(argv[1:])
+            run_soup(args.model_dir, args.output)
         elif argv[:1] == ["evaluate"]:
             args = build_evaluate_parser().parse_args(argv[1:])
             run_evaluate(args.model_dir, args.input, args.text_column, args.label_column, args.output)

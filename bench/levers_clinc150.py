@@ -10,6 +10,8 @@ variant, then a Markdown table.
     python bench/levers_clinc150.py --variants mean_llrd_smoothing --set EMA_DECAY=0.999   # any setting
     python bench/levers_clinc150.py --variants mean_llrd_smoothing --probs-out /tmp/probs/seed42
                                             # also keep test.csv's probabilities, for bench/ensemble_clinc150.py
+    python bench/levers_clinc150.py --variants mean_llrd_smoothing --weights-out /tmp/weights/seed42
+                                            # and the kept weights, for bench/soup_clinc150.py
 """
 
 import argparse
@@ -59,7 +61,7 @@ def parse_setting(text):
         return key, value
 
 
-def run_variant(name, overrides, data, epochs, output_dir, probs_out=None):
+def run_variant(name, overrides, data, epochs, output_dir, probs_out=None, weights_out=None):
     config = FullFinetuneConfig()
     config.EPOCHS = epochs
     config.OUTPUT_DIR = str(output_dir / name)  # checkpoints only
@@ -83,6 +85,9 @@ def run_variant(name, overrides, data, epochs, output_dir, probs_out=None):
     if probs_out:  # rows in test.csv's order, columns the sorted intent names
         Path(probs_out).parent.mkdir(parents=True, exist_ok=True)
         np.save(f"{probs_out}.npy", logits.softmax(-1).numpy())
+    if weights_out:  # the kept (best-epoch) weights, for bench/soup_clinc150.py
+        Path(weights_out).parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_state_dict(f"{weights_out}.pt")
     trainer.checkpoint_path.unlink(missing_ok=True)
     return {"variant": name, "settings": overrides, "epochs_run": len(trainer.history),
             "best_epoch": trainer.best_epoch, "val_accuracy": trainer.history[trainer.best_epoch - 1]["val_accuracy"],
@@ -103,15 +108,18 @@ def main():
     parser.add_argument("--output-dir", default="/tmp/levers_clinc150", help="scratch folder for checkpoints")
     parser.add_argument("--probs-out", metavar="PATH",
                         help="save test.csv's probabilities to PATH.npy (PATH-VARIANT.npy with several variants)")
+    parser.add_argument("--weights-out", metavar="PATH",
+                        help="save the kept weights to PATH.pt (PATH-VARIANT.pt with several variants)")
     args = parser.parse_args()
     folder = Path(args.data)
     limit, epochs = (2000, 1) if args.quick else (None, args.epochs)
     data = (read(folder / "train.csv", limit), read(folder / "val.csv"), read(folder / "test.csv"))
     rows = []
     for name in args.variants:
-        probs_out = args.probs_out and (args.probs_out if len(args.variants) == 1 else f"{args.probs_out}-{name}")
+        probs_out, weights_out = (path and (path if len(args.variants) == 1 else f"{path}-{name}")
+                                  for path in (args.probs_out, args.weights_out))
         rows.append(run_variant(name, {**VARIANTS[name], **dict(args.set)}, data, epochs, Path(args.output_dir),
-                                probs_out))
+                                probs_out, weights_out))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| variant | settings | epochs run (best) | val acc | test acc | test macro F1 | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

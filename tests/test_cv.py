@@ -121,3 +121,47 @@ def test_a_single_model_distils_the_fold_ensemble_from_oof_csv(cv_run, tiny_conf
     capsys.readouterr()
     assert full_finetune.main([*args, "--output-dir", str(tmp_path / "student2")]) == 2
     assert "training texts have no soft targets" in capsys.readouterr().err
+
+
+def test_soup_writes_one_model_whose_weights_are_the_mean_of_the_fold_models(cv_run, tmp_path):
+    import torch
+
+    folders = sorted(str(path) for path in cv_run[0].glob("fold_*/full_finetune_model"))
+    assert len(folders) == 3
+    assert full_finetune.main(["soup", "--model-dir", *folders, "--output", str(tmp_path / "soup")]) == 0
+    soup = Trainer.from_pretrained(tmp_path / "soup", progress=False)
+    members = [Trainer.from_pretrained(folder, progress=False) for folder in folders]
+    states = [member.model.state_dict() for member in members]
+    averaged = 0
+    for key, value in soup.model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sum(state[key] for state in states) / 3)
+            averaged += not torch.equal(value, states[0][key])
+    assert averaged > 0  # the folds' weights differ, so the soup is none of them
+    assert soup.label_names == members[0].label_names
+    assert soup.config.MAX_LENGTH == 32
+    assert len(soup.predict(["where is my parcel"])[0]) == 1
+
+
+def test_soup_refuses_one_folder_its_own_input_and_other_labels_or_heads(tmp_path, tiny_model_factory, tokenizer,
+                                                                      capsys):
+    from transformers import BertModel
+
+    folders = {}
+    for name, labels in (("a", ["x", "y", "z"]), ("b", ["x", "y", "w"]), ("mean", ["x", "y", "z"])):
+        model = tiny_model_factory()
+        if name == "mean":
+            model = full_finetune.MeanPoolingClassifier(BertModel(model.config), 3)
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    for model_dirs, output, message in (
+            ([folders["a"]], "s", "at least two"),
+            ([folders["a"], folders["a"]], "a", "new folder"),
+            ([folders["a"], folders["b"]], "s", "other labels"),
+            ([folders["a"], folders["mean"]], "s", "another architecture")):
+        code = full_finetune.main(["soup", "--model-dir", *model_dirs, "--output", str(tmp_path / output)])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
