@@ -1474,8 +1474,9 @@ def run_soup(model_dirs, output_path, config=None):
     first = trainers[0]
 
     def architecture(model):
-        return type(model), getattr(model.config, "cosine_scale", None), \
-            {key: value.shape for key, value in model.state_dict().items()}
+        shapes = {key: value.shape for key, value in model.state_dict().items()}
+        return type(model), getattr(model.config, "cosine_scale", None), shapes
+
     for model_dir, trainer in zip(model_dirs[1:], trainers[1:], strict=True):
         if trainer.label_names != first.label_names:
             raise FinetuneError(f"{model_dir} predicts other labels than {model_dirs[0]}; "
@@ -1685,7 +1686,8 @@ def build_train_parser(cv=False):
                      "Fine-tune every parameter of a BERT-family classifier on a text,label CSV. ")
                     + "Settings come from config.py; each flag overrides one of them for this run.",
         epilog=None if cv else "Other commands: python full_finetune.py cv --help (K-fold cross-"
-               "validation), predict --help (label a test file), evaluate --help (score a saved model)")
+               "validation), predict --help (label a test file), evaluate --help (score a saved model), "
+               "soup --help (average several models' weights into one)")
     if cv:
         parser.add_argument("--folds", dest="N_FOLDS", type=int, metavar="N_FOLDS",
                             help=f"number of folds (config.py: {FullFinetuneConfig.N_FOLDS})")
