@@ -1,5 +1,6 @@
-"""The accuracy levers: mean pooling (linear or cosine head), layer-wise learning-rate decay, label
-smoothing, class weights, re-initialised top layers."""
+"""The accuracy levers: mean pooling (linear or cosine head, the cosine one optionally started at the
+class centroids), layer-wise learning-rate decay, label smoothing, class weights, re-initialised top
+layers, frozen word embeddings, EMA, R-Drop and soft targets."""
 
 import json
 
