@@ -1433,6 +1433,13 @@ def submission_frame(ids, label_names, probabilities, with_probabilities=False):
     return with_probability_columns(submission, label_names, probabilities) if with_probabilities else submission
 
 
+def require_same_labels(trainer, label_names, model_dir, first_dir):
+    """Models are averaged (probabilities or weights) only when they predict the same labels."""
+    if trainer.label_names != label_names:
+        raise FinetuneError(f"{model_dir} predicts other labels than {first_dir}; "
+                            "only models trained on the same labels can be averaged.")
+
+
 def run_predict(model_dirs, input_path, output_path, text_column="text", with_probabilities=False,
                 config=None):
     """Write Kaggle-style `id,label` predictions for the texts of a CSV. Several model folders (a
@@ -1442,10 +1449,8 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
     probabilities, label_names = 0.0, None
     for model_dir in model_dirs:
         trainer = Trainer.from_pretrained(model_dir, config, progress=False)
-        if label_names is not None and trainer.label_names != label_names:
-            raise FinetuneError(f"{model_dir} predicts other labels than {model_dirs[0]}; "
-                                "only models trained on the same labels can be averaged.")
-        label_names = trainer.label_names
+        label_names = label_names or trainer.label_names
+        require_same_labels(trainer, label_names, model_dir, model_dirs[0])
         probabilities = probabilities + trainer.predict(texts)[1] / len(model_dirs)
     submission = submission_frame(ids, label_names, probabilities, with_probabilities)
     write_user_file(output_path, lambda path: write_csv(path, submission))
@@ -1478,9 +1483,7 @@ def run_soup(model_dirs, output_path, config=None):
         return type(model), getattr(model.config, "cosine_scale", None), shapes
 
     for model_dir, trainer in zip(model_dirs[1:], trainers[1:], strict=True):
-        if trainer.label_names != first.label_names:
-            raise FinetuneError(f"{model_dir} predicts other labels than {model_dirs[0]}; "
-                                "only models trained on the same labels can be averaged.")
+        require_same_labels(trainer, first.label_names, model_dir, model_dirs[0])
         if architecture(trainer.model) != architecture(first.model):
             raise FinetuneError(f"{model_dir} has another architecture or head than {model_dirs[0]}; "
                                 "only models of one architecture can be averaged.")
