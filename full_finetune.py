@@ -27,8 +27,9 @@ fixed). Features, and what each costs:
   optionally with layer-wise learning-rate decay; linear warm-up, then linear or cosine decay,
   stepped once per optimizer step; gradient clipping.
 - Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head
-  (linear or cosine), re-initialised top layers, distillation from soft targets such as a fold
-  ensemble's out-of-fold probabilities (all free); a cosine head started at the class centroids
+  (linear or cosine), re-initialised top layers, word dropout (random tokens hidden at each
+  training step), distillation from soft targets such as a fold ensemble's out-of-fold
+  probabilities (all free); a cosine head started at the class centroids
   (one forward pass over the training set); frozen word embeddings (saves ~10% of a MiniLM
   step); an exponential moving average of the weights, validated and kept instead of the raw
   weights (one more copy of the weights, a few % of the time); R-Drop (every batch runs twice with
@@ -746,6 +747,19 @@ def ema_decay(step, decay):
     return min(decay, (1 + step) / (10 + step))
 
 
+def hide_random_tokens(attention_mask, rate):
+    """The attention mask with each word token masked out with probability `rate`: the encoder
+    and the mean pooling no longer see it, a fresh word-dropout augmentation at every step. The
+    first and last real tokens of each row ([CLS] and [SEP]) always stay."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    real = attention_mask.bool()
+    first = real.int().argmax(1, keepdim=True)
+    last = attention_mask.shape[1] - 1 - real.flip(1).int().argmax(1, keepdim=True)
+    words = real & (positions > first) & (positions < last)
+    hidden = words & (torch.rand(attention_mask.shape, device=attention_mask.device) < rate)
+    return attention_mask.masked_fill(hidden, 0)
+
+
 def balanced_class_weights(labels, num_classes):
     """rows / (classes x rows of the class): rare classes weigh more in the loss."""
     counts = np.bincount(labels, minlength=num_classes)
@@ -759,7 +773,7 @@ RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "
                      "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
                      "POOLING", "COSINE_HEAD_SCALE", "PROTOTYPE_HEAD_INIT", "REINIT_TOP_LAYERS",
                      "FREEZE_WORD_EMBEDDINGS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
-                     "EMA_DECAY", "RDROP_ALPHA", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
+                     "EMA_DECAY", "RDROP_ALPHA", "TOKEN_DROPOUT", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
 
 
 def load_checkpoint(path):
@@ -971,6 +985,8 @@ class Trainer:
                 labels, soft_labels = batch.pop("labels"), batch.pop("soft_labels", None)
                 if config.RDROP_ALPHA:  # every row twice in one forward pass: two dropout masks
                     batch = {key: torch.cat([value, value]) for key, value in batch.items()}
+                if config.TOKEN_DROPOUT:  # after R-Drop's copy: its two passes see different words
+                    batch["attention_mask"] = hide_random_tokens(batch["attention_mask"], config.TOKEN_DROPOUT)
                 # Across processes, gradients are all-reduced once per window, on its last micro-batch.
                 sync = i == len(window) or self.world_size == 1
                 with contextlib.nullcontext() if sync else self.train_model.no_sync():
@@ -1672,6 +1688,7 @@ TRAIN_FLAGS = (
     ("--freeze-word-embeddings", "FREEZE_WORD_EMBEDDINGS", bool, "do not train the word-embedding table"),
     ("--ema-decay", "EMA_DECAY", float, "keep a moving average of the weights with this decay (e.g. 0.999)"),
     ("--rdrop", "RDROP_ALPHA", float, "R-Drop: weight of the KL term between two dropout passes (0: off)"),
+    ("--token-dropout", "TOKEN_DROPOUT", float, "share of each training text's tokens hidden per step (0: off)"),
     ("--soft-targets", "SOFT_TARGETS", str, "CSV of text and prob_<label> columns (cv's oof.csv) to distil from"),
     ("--soft-target-weight", "SOFT_TARGET_WEIGHT", float, "share of the loss that follows the soft targets"),
     ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),

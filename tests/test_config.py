@@ -61,6 +61,7 @@ def test_unknown_preset_lists_the_valid_ones():
     ("EARLY_STOPPING_METRIC", "f1", "val_macro_f1"),
     ("EARLY_STOPPING_PATIENCE", 0, "EARLY_STOPPING_PATIENCE"),
     ("MAX_GRAD_NORM", 0, "MAX_GRAD_NORM"),
+    ("TOKEN_DROPOUT", 1.0, "TOKEN_DROPOUT"),
 ])
 def test_out_of_range_values_are_refused_with_the_setting_named(attribute, value, words):
     config = FullFinetuneConfig()
@@ -89,8 +90,10 @@ def test_flags_override_only_what_they_name():
 
 def test_a_switch_flag_turns_its_setting_on():
     args = full_finetune.build_train_parser().parse_args(["--freeze-word-embeddings", "--pooling", "mean",
-                                                          "--cosine-head", "20", "--prototype-head"])
+                                                          "--cosine-head", "20", "--prototype-head",
+                                                          "--token-dropout", "0.1"])
     config = full_finetune.config_from_args(args)
+    assert config.TOKEN_DROPOUT == 0.1
     assert config.FREEZE_WORD_EMBEDDINGS is True and config.COSINE_HEAD_SCALE == 20.0
     assert config.PROTOTYPE_HEAD_INIT is True
 

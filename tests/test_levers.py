@@ -1,6 +1,6 @@
 """The accuracy levers: mean pooling (linear or cosine head, the cosine one optionally started at the
 class centroids), layer-wise learning-rate decay, label smoothing, class weights, re-initialised top
-layers, frozen word embeddings, EMA, R-Drop and soft targets."""
+layers, frozen word embeddings, EMA, R-Drop, token dropout and soft targets."""
 
 import json
 
@@ -244,6 +244,33 @@ def test_rdrop_loss_adds_the_symmetric_kl_between_the_two_passes(tiny_model_fact
     mean_ce = (torch.nn.functional.cross_entropy(first, labels) + torch.nn.functional.cross_entropy(second, labels)) / 2
     torch.testing.assert_close(loss, mean_ce + 0.5 * (kl_pq + kl_qp) / 2)
     assert torch.equal(counted, first)
+
+
+def test_token_dropout_hides_only_words_and_about_the_share_asked():
+    torch.manual_seed(0)
+    lengths = torch.randint(3, 30, (400,))
+    mask = (torch.arange(32) < lengths[:, None]).long()  # right padding
+    left = mask.flip(1)  # left padding
+    for padded in (mask, left):
+        hidden = (padded == 1) & (full_finetune.hide_random_tokens(padded, 0.3) == 0)
+        first = padded.argmax(1)
+        last = 31 - padded.flip(1).argmax(1)
+        rows = torch.arange(400)
+        assert not hidden[rows, first].any() and not hidden[rows, last].any()  # [CLS] and [SEP] stay
+        words = (lengths - 2).sum().item()
+        assert 0.25 < hidden.sum().item() / words < 0.35
+    assert torch.equal(full_finetune.hide_random_tokens(mask, 0.0), mask)
+
+
+def test_token_dropout_changes_training_but_not_prediction(tiny_model_factory, tokenizer):
+    train, names = splits()
+    plain_state, plain = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
+    dropped_state, dropped = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1, TOKEN_DROPOUT=0.5)
+    change = max((dropped_state[key].float() - plain_state[key].float()).abs().max().item() for key in plain_state)
+    assert change > 1e-3  # the words hidden in training changed the gradients
+    dropped.model.load_state_dict(plain_state)  # same weights: evaluation sees every word in both
+    dataset = plain.dataset(train)
+    torch.testing.assert_close(dropped.predict_logits(dataset), plain.predict_logits(dataset))
 
 
 def test_soft_targets_equal_to_the_labels_train_exactly_like_the_labels(tiny_model_factory, tokenizer):
