@@ -32,6 +32,17 @@ from config import ModelConfigs  # noqa: E402
 from full_finetune import Split, Trainer, average_weights, encode_labels  # noqa: E402
 
 
+def weights_holder(folder, settings):
+    """A Trainer whose model has the shape of the levers runs' (the minilm preset, max length 64,
+    then `settings`), to load their saved weights into; and the label ids (sorted intent names)."""
+    config = ModelConfigs.get_config("minilm")
+    config.MAX_LENGTH = 64
+    for key, value in settings:
+        setattr(config, key, value)
+    label_names, _ = encode_labels(read(folder / "train.csv")[1])
+    return Trainer(config, label_names, progress=False), {label: i for i, label in enumerate(label_names)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", nargs="+", help=".pt files saved by levers_clinc150.py --weights-out")
@@ -40,15 +51,8 @@ def main():
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="change a config.py setting of the model built to hold the weights")
     args = parser.parse_args()
-    config = ModelConfigs.get_config("minilm")
-    config.MAX_LENGTH = 64
-    for key, value in args.set:
-        setattr(config, key, value)
     folder = Path(args.data)
-    train_raw = read(folder / "train.csv")[1]
-    label_names, _ = encode_labels(train_raw)
-    ids = {label: i for i, label in enumerate(label_names)}
-    trainer = Trainer(config, label_names, progress=False)
+    trainer, ids = weights_holder(folder, args.set)
     splits = {name: trainer.dataset(Split(texts, [ids[label] for label in raw]))
               for name, (texts, raw) in (("val", read(folder / "val.csv")), ("test", read(folder / "test.csv")))}
 

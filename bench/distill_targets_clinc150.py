@@ -1,0 +1,64 @@
+"""Soft targets for CLINC150's training texts from several saved runs: their mean probabilities.
+
+Each file is what `bench/levers_clinc150.py --weights-out PATH` saved (PATH.pt). The CSV written
+has a `text` column and one `prob_<intent>` column per intent, the format SOFT_TARGETS reads, so a
+new run can learn from the runs' averaged predictions as well as from the labels (distillation of
+an ensemble into one model of the same size):
+
+    python bench/distill_targets_clinc150.py /tmp/weights/*.pt --output /tmp/soft_targets.csv
+    python bench/levers_clinc150.py --variants mean_llrd_smoothing --set SOFT_TARGETS=/tmp/soft_targets.csv ...
+
+The teachers trained on these same texts, so their targets put nearly all the mass on the label
+(training accuracy ~99.9%); what they add is how the rest is spread over the other intents. Unlike
+the out-of-fold targets of `cv`, making them needs no extra training beyond the runs themselves.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from levers_clinc150 import ROOT, parse_setting, read  # noqa: E402
+from soup_clinc150 import weights_holder  # noqa: E402
+
+from full_finetune import Split  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", nargs="+", help=".pt files saved by levers_clinc150.py --weights-out")
+    parser.add_argument("--output", required=True, help="CSV to write (text and prob_<intent> columns)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "clinc150"),
+                        help="folder with train.csv (columns text,intent)")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="change a config.py setting of the model built to hold the weights")
+    args = parser.parse_args()
+    folder = Path(args.data)
+    trainer, ids = weights_holder(folder, args.set)
+    texts, raw = read(folder / "train.csv")
+    labels = np.array([ids[label] for label in raw])
+    dataset = trainer.dataset(Split(texts, labels.tolist()))
+    probabilities = 0.0
+    for path in args.weights:
+        trainer.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        member = trainer.predict_logits(dataset).softmax(-1).numpy()
+        print(json.dumps({"member": Path(path).stem,
+                          "train_accuracy": round(float((member.argmax(1) == labels).mean()), 4)}), flush=True)
+        probabilities = probabilities + member / len(args.weights)
+    targets = pd.DataFrame(probabilities, columns=[f"prob_{name}" for name in sorted(ids, key=ids.get)])
+    targets.insert(0, "text", texts)
+    targets.to_csv(args.output, index=False)
+    on_label = probabilities[np.arange(len(labels)), labels]
+    print(json.dumps({"written": args.output, "rows": len(texts),
+                      "train_accuracy": round(float((probabilities.argmax(1) == labels).mean()), 4),
+                      "mean_probability_of_the_label": round(float(on_label.mean()), 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
