@@ -13,7 +13,6 @@ The teachers trained on these same texts, so their targets put nearly all the ma
 the out-of-fold targets of `cv`, making them needs no extra training beyond the runs themselves.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,20 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from levers_clinc150 import ROOT, parse_setting, read  # noqa: E402
-from soup_clinc150 import weights_holder  # noqa: E402
+from levers_clinc150 import read  # noqa: E402
+from soup_clinc150 import weights_holder, weights_parser  # noqa: E402
 
 from full_finetune import Split  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("weights", nargs="+", help=".pt files saved by levers_clinc150.py --weights-out")
+    parser = weights_parser(__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="CSV to write (text and prob_<intent> columns)")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "clinc150"),
-                        help="folder with train.csv (columns text,intent)")
-    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
-                        help="change a config.py setting of the model built to hold the weights")
     args = parser.parse_args()
     folder = Path(args.data)
     trainer, ids = weights_holder(folder, args.set)

@@ -43,14 +43,19 @@ def weights_holder(folder, settings):
     return Trainer(config, label_names, progress=False), {label: i for i, label in enumerate(label_names)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def weights_parser(description):
+    """The arguments of a script that loads saved runs' weights: the files, --data and --set."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("weights", nargs="+", help=".pt files saved by levers_clinc150.py --weights-out")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "clinc150"),
                         help="folder with train.csv, val.csv, test.csv (columns text,intent)")
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="change a config.py setting of the model built to hold the weights")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = weights_parser(__doc__.splitlines()[0]).parse_args()
     folder = Path(args.data)
     trainer, ids = weights_holder(folder, args.set)
     splits = {name: trainer.dataset(Split(texts, [ids[label] for label in raw]))
