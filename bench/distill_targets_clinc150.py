@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from levers_clinc150 import read  # noqa: E402
 from soup_clinc150 import weights_holder, weights_parser  # noqa: E402
 
-from full_finetune import Split  # noqa: E402
+from full_finetune import Split, encode_labels, with_probability_columns, write_csv  # noqa: E402
 
 
 def main():
@@ -34,10 +34,11 @@ def main():
     parser.add_argument("--output", required=True, help="CSV to write (text and prob_<intent> columns)")
     args = parser.parse_args()
     folder = Path(args.data)
-    trainer, ids = weights_holder(folder, args.set)
     texts, raw = read(folder / "train.csv")
-    labels = np.array([ids[label] for label in raw])
-    dataset = trainer.dataset(Split(texts, labels.tolist()))
+    label_names, label_ids = encode_labels(raw)  # sorted intents, as in the runs
+    trainer = weights_holder(label_names, args.set)
+    dataset = trainer.dataset(Split(texts, label_ids))
+    labels = np.array(label_ids)
     probabilities = 0.0
     for path in args.weights:
         trainer.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -45,9 +46,7 @@ def main():
         print(json.dumps({"member": Path(path).stem,
                           "train_accuracy": round(float((member.argmax(1) == labels).mean()), 4)}), flush=True)
         probabilities = probabilities + member / len(args.weights)
-    targets = pd.DataFrame(probabilities, columns=[f"prob_{name}" for name in sorted(ids, key=ids.get)])
-    targets.insert(0, "text", texts)
-    targets.to_csv(args.output, index=False)
+    write_csv(args.output, with_probability_columns(pd.DataFrame({"text": texts}), label_names, probabilities))
     on_label = probabilities[np.arange(len(labels)), labels]
     print(json.dumps({"written": args.output, "rows": len(texts),
                       "train_accuracy": round(float((probabilities.argmax(1) == labels).mean()), 4),

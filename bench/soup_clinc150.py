@@ -32,15 +32,14 @@ from config import ModelConfigs  # noqa: E402
 from full_finetune import Split, Trainer, average_weights, encode_labels  # noqa: E402
 
 
-def weights_holder(folder, settings):
+def weights_holder(label_names, settings):
     """A Trainer whose model has the shape of the levers runs' (the minilm preset, max length 64,
-    then `settings`), to load their saved weights into; and the label ids (sorted intent names)."""
+    then `settings`), to load their saved weights into."""
     config = ModelConfigs.get_config("minilm")
     config.MAX_LENGTH = 64
     for key, value in settings:
         setattr(config, key, value)
-    label_names, _ = encode_labels(read(folder / "train.csv")[1])
-    return Trainer(config, label_names, progress=False), {label: i for i, label in enumerate(label_names)}
+    return Trainer(config, label_names, progress=False)
 
 
 def weights_parser(description):
@@ -57,7 +56,9 @@ def weights_parser(description):
 def main():
     args = weights_parser(__doc__.splitlines()[0]).parse_args()
     folder = Path(args.data)
-    trainer, ids = weights_holder(folder, args.set)
+    label_names, _ = encode_labels(read(folder / "train.csv")[1])  # sorted intents, as in the runs
+    trainer = weights_holder(label_names, args.set)
+    ids = {label: i for i, label in enumerate(label_names)}
     splits = {name: trainer.dataset(Split(texts, [ids[label] for label in raw]))
               for name, (texts, raw) in (("val", read(folder / "val.csv")), ("test", read(folder / "test.csv")))}
 

@@ -249,13 +249,12 @@ def test_rdrop_loss_adds_the_symmetric_kl_between_the_two_passes(tiny_model_fact
 def test_token_dropout_hides_only_words_and_about_the_share_asked():
     torch.manual_seed(0)
     lengths = torch.randint(3, 30, (400,))
-    mask = (torch.arange(32) < lengths[:, None]).long()  # right padding
-    left = mask.flip(1)  # left padding
-    for padded in (mask, left):
+    mask = (torch.arange(32) < lengths[:, None]).long()
+    rows = torch.arange(400)
+    cases = [(mask, torch.zeros_like(lengths), lengths - 1),  # right padding: each row's first and last real token
+             (mask.flip(1), 32 - lengths, torch.full_like(lengths, 31))]  # left padding
+    for padded, first, last in cases:
         hidden = (padded == 1) & (full_finetune.hide_random_tokens(padded, 0.3) == 0)
-        first = padded.argmax(1)
-        last = 31 - padded.flip(1).argmax(1)
-        rows = torch.arange(400)
         assert not hidden[rows, first].any() and not hidden[rows, last].any()  # [CLS] and [SEP] stay
         words = (lengths - 2).sum().item()
         assert 0.25 < hidden.sum().item() / words < 0.35
