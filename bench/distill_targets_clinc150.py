@@ -90,11 +90,11 @@ def main():
     if args.augment:
         out = Path(args.augment)
         out.mkdir(parents=True, exist_ok=True)
-        teacher_labels = [label_names[i] for i in probabilities[len(texts):].argmax(1)]
+        copies = probabilities[len(texts):]
+        teacher_labels = [label_names[i] for i in copies.argmax(1)]
         write_csv(out / "train.csv", pd.DataFrame({"text": texts + new_texts, "intent": raw + teacher_labels}))
         for name in ("val.csv", "test.csv"):
             shutil.copyfile(folder / name, out / name)
-        copies = probabilities[len(texts):]
         report.update({"augmented_rows": len(new_texts), "augmented_folder": str(out),
                        "augmented_mean_top_probability": round(float(copies.max(1).mean()), 4),
                        "augmented_label_kept": round(float((copies.argmax(1) == labels[sources]).mean()), 4)})
