@@ -36,25 +36,32 @@ from soup_clinc150 import weights_holder, weights_parser  # noqa: E402
 from full_finetune import encode_labels, with_probability_columns, write_csv  # noqa: E402
 
 
+def perturbed(words, rng, vocabulary, edit_rate):
+    """`words` with each one replaced by a random word of `vocabulary` (probability edit_rate / 2)
+    or dropped (probability edit_rate / 2), joined into a text."""
+    kept = []
+    for word, draw in zip(words, rng.random(len(words)), strict=True):
+        if draw < edit_rate / 2:
+            kept.append(vocabulary[rng.integers(len(vocabulary))])
+        elif draw >= edit_rate:
+            kept.append(word)
+    return " ".join(kept)
+
+
 def perturbed_copies(texts, copies, edit_rate, seed=0):
-    """`copies` new texts per text, each word dropped or swapped for a random word of `texts` with
-    probability edit_rate / 2 each, as (index of the source text, new text) pairs; a copy equal to an
-    existing text is drawn again (up to 10 times: some very short texts get fewer copies)."""
+    """`copies` perturbed versions of each text, as (index of the source text, new text) pairs; an
+    empty copy or one equal to a text already there is drawn again, up to 10 times (so some very
+    short texts get fewer copies)."""
     rng = np.random.default_rng(seed)
     vocabulary = [word for text in texts for word in text.split()]  # drawn by frequency
     seen, result = set(texts), []
     for index, text in enumerate(texts):
-        words = text.split()
         for _ in range(copies):
-            for _attempt in range(10):
-                draws = rng.random(len(words))
-                new = [word if draw >= edit_rate else vocabulary[rng.integers(len(vocabulary))]
-                       for word, draw in zip(words, draws, strict=True) if not edit_rate / 2 <= draw < edit_rate]
-                candidate = " ".join(new)
-                if new and candidate not in seen:
-                    seen.add(candidate)
-                    result.append((index, candidate))
-                    break
+            drawn = (perturbed(text.split(), rng, vocabulary, edit_rate) for _attempt in range(10))
+            candidate = next((new for new in drawn if new and new not in seen), None)
+            if candidate is not None:
+                seen.add(candidate)
+                result.append((index, candidate))
     return result
 
 
