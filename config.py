@@ -58,6 +58,7 @@ class FullFinetuneConfig:
     FREEZE_WORD_EMBEDDINGS = False  # True: the word-embedding table keeps its pre-trained values
     EMA_DECAY = None  # e.g. 0.999: validate and keep an exponential moving average of the weights; None: off
     RDROP_ALPHA = 0.0  # R-Drop: each batch runs twice (two dropout masks); weight of their KL term. 0: off
+    DROPOUT = None  # e.g. 0.05: the rate of every dropout layer (hidden, attention, head); None: the checkpoint's own
     TOKEN_DROPOUT = 0.0  # share of each training text's words hidden from the encoder per step (augmentation); 0: off
     # Distillation: a CSV with a text column and one prob_<label> column per label (the oof.csv of
     # `cv`): every training text learns these probabilities as well as its label.
@@ -120,6 +121,8 @@ class FullFinetuneConfig:
             raise FinetuneError(f"SOFT_TARGET_WEIGHT must be in [0, 1], not {self.SOFT_TARGET_WEIGHT!r}.")
         if not self.RDROP_ALPHA >= 0:
             raise FinetuneError(f"RDROP_ALPHA must be 0 or more, not {self.RDROP_ALPHA!r}.")
+        if self.DROPOUT is not None and not 0 <= self.DROPOUT < 1:
+            raise FinetuneError(f"DROPOUT must be None or in [0, 1), not {self.DROPOUT!r}.")
         if not 0 <= self.TOKEN_DROPOUT < 1:
             raise FinetuneError(f"TOKEN_DROPOUT must be in [0, 1), not {self.TOKEN_DROPOUT!r}.")
         if self.EMA_DECAY is not None and not 0 < self.EMA_DECAY < 1:

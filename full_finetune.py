@@ -27,9 +27,9 @@ fixed). Features, and what each costs:
   optionally with layer-wise learning-rate decay; linear warm-up, then linear or cosine decay,
   stepped once per optimizer step; gradient clipping.
 - Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head
-  (linear or cosine), re-initialised top layers, word dropout (random tokens hidden at each
-  training step), distillation from soft targets such as a fold ensemble's out-of-fold
-  probabilities (all free); a cosine head started at the class centroids
+  (linear or cosine), re-initialised top layers, one dropout rate for the whole model, word
+  dropout (random tokens hidden at each training step), distillation from soft targets such as a
+  fold ensemble's out-of-fold probabilities (all free); a cosine head started at the class centroids
   (one forward pass over the training set); frozen word embeddings (saves ~10% of a MiniLM
   step); an exponential moving average of the weights, validated and kept instead of the raw
   weights (one more copy of the weights, a few % of the time); R-Drop (every batch runs twice with
@@ -689,6 +689,14 @@ def reinit_top_layers(model, count):
     return count
 
 
+def set_dropout(model, rate):
+    """Give every dropout layer of the model (embeddings, attention, hidden, head) the same rate:
+    transformers reads the attention's rate from its Dropout module too, so this reaches all."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+
+
 def freeze_word_embeddings(model):
     """Stop training the word-embedding table. Fine-tuning moves only the rows of words seen in
     training, away from the unseen words they were pre-trained next to (synonyms met first at
@@ -773,7 +781,7 @@ RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "
                      "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
                      "POOLING", "COSINE_HEAD_SCALE", "PROTOTYPE_HEAD_INIT", "REINIT_TOP_LAYERS",
                      "FREEZE_WORD_EMBEDDINGS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
-                     "EMA_DECAY", "RDROP_ALPHA", "TOKEN_DROPOUT", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
+                     "EMA_DECAY", "RDROP_ALPHA", "DROPOUT", "TOKEN_DROPOUT", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
 
 
 def load_checkpoint(path):
@@ -830,6 +838,8 @@ class Trainer:
                 self.config.MODEL_NAME, label_names, self.config.POOLING, self.config.COSINE_HEAD_SCALE)
             if self.config.REINIT_TOP_LAYERS:
                 reinit_top_layers(model, self.config.REINIT_TOP_LAYERS)
+        if self.config.DROPOUT is not None:
+            set_dropout(model, self.config.DROPOUT)
         if self.config.FREEZE_WORD_EMBEDDINGS:  # before fit builds the optimizer over what trains
             freeze_word_embeddings(model)
         self.label_names = list(label_names if label_names is not None
@@ -1688,6 +1698,7 @@ TRAIN_FLAGS = (
     ("--freeze-word-embeddings", "FREEZE_WORD_EMBEDDINGS", bool, "do not train the word-embedding table"),
     ("--ema-decay", "EMA_DECAY", float, "keep a moving average of the weights with this decay (e.g. 0.999)"),
     ("--rdrop", "RDROP_ALPHA", float, "R-Drop: weight of the KL term between two dropout passes (0: off)"),
+    ("--dropout", "DROPOUT", float, "rate of every dropout layer in the model (default: the checkpoint's)"),
     ("--token-dropout", "TOKEN_DROPOUT", float, "share of each training text's tokens hidden per step (0: off)"),
     ("--soft-targets", "SOFT_TARGETS", str, "CSV of text and prob_<label> columns (cv's oof.csv) to distil from"),
     ("--soft-target-weight", "SOFT_TARGET_WEIGHT", float, "share of the loss that follows the soft targets"),

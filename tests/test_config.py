@@ -62,6 +62,7 @@ def test_unknown_preset_lists_the_valid_ones():
     ("EARLY_STOPPING_PATIENCE", 0, "EARLY_STOPPING_PATIENCE"),
     ("MAX_GRAD_NORM", 0, "MAX_GRAD_NORM"),
     ("TOKEN_DROPOUT", 1.0, "TOKEN_DROPOUT"),
+    ("DROPOUT", -0.1, "DROPOUT"),
 ])
 def test_out_of_range_values_are_refused_with_the_setting_named(attribute, value, words):
     config = FullFinetuneConfig()
@@ -79,9 +80,10 @@ def test_command_line_refuses_a_bad_value_in_one_line(capsys, tiny_config):
 
 
 def test_flags_override_only_what_they_name():
-    args = full_finetune.build_train_parser().parse_args(["--preset", "distilbert", "--lr", "3e-5"])
+    args = full_finetune.build_train_parser().parse_args(["--preset", "distilbert", "--lr", "3e-5",
+                                                          "--dropout", "0.05"])
     config = full_finetune.config_from_args(args)
-    assert config.LEARNING_RATE == 3e-5
+    assert config.LEARNING_RATE == 3e-5 and config.DROPOUT == 0.05
     assert config.MODEL_NAME == "distilbert-base-uncased"
     assert config.BATCH_SIZE == ModelConfigs.PRESETS["distilbert"]["BATCH_SIZE"]
     assert config.SEED == FullFinetuneConfig.SEED

@@ -1,6 +1,6 @@
 """The accuracy levers: mean pooling (linear or cosine head, the cosine one optionally started at the
 class centroids), layer-wise learning-rate decay, label smoothing, class weights, re-initialised top
-layers, frozen word embeddings, EMA, R-Drop, token dropout and soft targets."""
+layers, frozen word embeddings, EMA, R-Drop, one dropout rate, token dropout and soft targets."""
 
 import json
 
@@ -270,6 +270,29 @@ def test_token_dropout_changes_training_but_not_prediction(tiny_model_factory, t
     dropped.model.load_state_dict(plain_state)  # same weights: evaluation sees every word in both
     dataset = plain.dataset(train)
     torch.testing.assert_close(dropped.predict_logits(dataset), plain.predict_logits(dataset))
+
+
+def train_mode_logits_twice(trainer, texts):
+    batch = {k: torch.tensor(v) for k, v in trainer.tokenizer(texts, padding=True).items()}
+    trainer.model.train()
+    return trainer.model(**batch).logits, trainer.model(**batch).logits
+
+
+def test_dropout_sets_every_dropout_layer_and_none_keeps_the_checkpoints(tiny_model_factory, tokenizer):
+    _, names = splits()
+    texts = ["where is my parcel", "how much is the red one"]
+    own = Trainer(config_for(), names, model=tiny_model_factory(dropout=0.3), tokenizer=tokenizer, progress=False)
+    assert {m.p for m in own.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    off = Trainer(config_for(DROPOUT=0.0), names, model=tiny_model_factory(dropout=0.3), tokenizer=tokenizer,
+                  progress=False)
+    first, second = train_mode_logits_twice(off, texts)
+    torch.testing.assert_close(first, second)  # no dropout left anywhere, attention included
+    off.model.eval()
+    torch.testing.assert_close(first, off.predict_logits(off.dataset(texts)), atol=1e-5, rtol=1e-5)
+    on = Trainer(config_for(DROPOUT=0.5), names, model=tiny_model_factory(dropout=0.0), tokenizer=tokenizer,
+                 progress=False)
+    first, second = train_mode_logits_twice(on, texts)
+    assert (first - second).abs().max() > 1e-3
 
 
 def test_soft_targets_equal_to_the_labels_train_exactly_like_the_labels(tiny_model_factory, tokenizer):
