@@ -78,28 +78,30 @@ def main():
     label_names, label_ids = encode_labels(raw)  # sorted intents, as in the runs
     pairs = perturbed_copies(texts, args.copies, args.edit_rate) if args.augment else []
     sources, new_texts = [index for index, _ in pairs], [text for _, text in pairs]
+    all_texts = texts + new_texts  # the originals first: rows :len(texts) have their labels
     trainer = weights_holder(label_names, args.set)
-    dataset = trainer.dataset(texts + new_texts)
+    dataset = trainer.dataset(all_texts)
     labels = np.array(label_ids)
+
+    def train_accuracy(probabilities):
+        return round(float((probabilities[:len(texts)].argmax(1) == labels).mean()), 4)
+
     probabilities = 0.0
     for path in args.weights:
         trainer.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         member = trainer.predict_logits(dataset).softmax(-1).numpy()
-        print(json.dumps({"member": Path(path).stem, "train_accuracy":
-                          round(float((member[:len(texts)].argmax(1) == labels).mean()), 4)}), flush=True)
+        print(json.dumps({"member": Path(path).stem, "train_accuracy": train_accuracy(member)}), flush=True)
         probabilities = probabilities + member / len(args.weights)
-    write_csv(args.output, with_probability_columns(pd.DataFrame({"text": texts + new_texts}), label_names,
-                                                    probabilities))
+    write_csv(args.output, with_probability_columns(pd.DataFrame({"text": all_texts}), label_names, probabilities))
     on_label = probabilities[np.arange(len(labels)), labels]
-    report = {"written": args.output, "rows": len(texts) + len(new_texts),
-              "train_accuracy": round(float((probabilities[:len(texts)].argmax(1) == labels).mean()), 4),
+    report = {"written": args.output, "rows": len(all_texts), "train_accuracy": train_accuracy(probabilities),
               "mean_probability_of_the_label": round(float(on_label.mean()), 4)}
     if args.augment:
         out = Path(args.augment)
         out.mkdir(parents=True, exist_ok=True)
         copies = probabilities[len(texts):]
         teacher_labels = [label_names[i] for i in copies.argmax(1)]
-        write_csv(out / "train.csv", pd.DataFrame({"text": texts + new_texts, "intent": raw + teacher_labels}))
+        write_csv(out / "train.csv", pd.DataFrame({"text": all_texts, "intent": raw + teacher_labels}))
         for name in ("val.csv", "test.csv"):
             shutil.copyfile(folder / name, out / name)
         report.update({"augmented_rows": len(new_texts), "augmented_folder": str(out),
