@@ -60,6 +60,7 @@ class FullFinetuneConfig:
     RDROP_ALPHA = 0.0  # R-Drop: each batch runs twice (two dropout masks); weight of their KL term. 0: off
     DROPOUT = None  # e.g. 0.05: the rate of every dropout layer (hidden, attention, head); None: the checkpoint's own
     TOKEN_DROPOUT = 0.0  # share of each training text's words hidden from the encoder per step (augmentation); 0: off
+    ADVERSARIAL_EPSILON = 0.0  # FGM: each batch runs again with its embeddings moved this far against it; 0: off
     # Distillation: a CSV with a text column and one prob_<label> column per label (the oof.csv of
     # `cv`): every training text learns these probabilities as well as its label.
     SOFT_TARGETS = None
@@ -125,6 +126,8 @@ class FullFinetuneConfig:
             raise FinetuneError(f"DROPOUT must be None or in [0, 1), not {self.DROPOUT!r}.")
         if not 0 <= self.TOKEN_DROPOUT < 1:
             raise FinetuneError(f"TOKEN_DROPOUT must be in [0, 1), not {self.TOKEN_DROPOUT!r}.")
+        if not self.ADVERSARIAL_EPSILON >= 0:
+            raise FinetuneError(f"ADVERSARIAL_EPSILON must be 0 or more, not {self.ADVERSARIAL_EPSILON!r}.")
         if self.EMA_DECAY is not None and not 0 < self.EMA_DECAY < 1:
             raise FinetuneError(f"EMA_DECAY must be None or in (0, 1), not {self.EMA_DECAY!r}.")
         if self.COSINE_HEAD_SCALE is not None and not (self.COSINE_HEAD_SCALE > 0 and self.POOLING == "mean"):

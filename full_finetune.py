@@ -33,7 +33,9 @@ fixed). Features, and what each costs:
   (one forward pass over the training set); frozen word embeddings (saves ~10% of a MiniLM
   step); an exponential moving average of the weights, validated and kept instead of the raw
   weights (one more copy of the weights, a few % of the time); R-Drop (every batch runs twice with
-  different dropout: twice the activation memory, ~1.7x the time with MiniLM on CPU).
+  different dropout: twice the activation memory, ~1.7x the time with MiniLM on CPU); adversarial
+  training, FGM (every batch runs a second time with its embeddings perturbed against it: a
+  second forward and backward pass, ~1.9x the time with MiniLM on CPU).
 - Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
   (one extra copy of the weights in CPU memory) and restored at the end.
 - A data audit before training (data_report.json): balance, token lengths, duplicates, conflicts.
@@ -697,16 +699,29 @@ def set_dropout(model, rate):
             module.p = rate
 
 
+def word_embedding_table(model, setting):
+    """The name and module of the model's word-embedding table, found by its BERT-family name
+    (*word_embeddings); `setting` names what needs it in the error."""
+    tables = [(name, module) for name, module in model.named_modules()
+              if name.endswith("word_embeddings") and isinstance(module, torch.nn.Embedding)]
+    if len(tables) != 1:
+        raise FinetuneError(f"{setting} needs one embedding module named *word_embeddings "
+                            f"(BERT-family naming); this model has {len(tables)}.")
+    return tables[0]
+
+
 def freeze_word_embeddings(model):
     """Stop training the word-embedding table. Fine-tuning moves only the rows of words seen in
     training, away from the unseen words they were pre-trained next to (synonyms met first at
     test time); frozen, they keep those neighbours, and the optimizer skips the largest matrix."""
-    tables = [module for name, module in model.named_modules()
-              if name.endswith("word_embeddings") and isinstance(module, torch.nn.Embedding)]
-    if len(tables) != 1:
-        raise FinetuneError(f"FREEZE_WORD_EMBEDDINGS needs one embedding module named *word_embeddings "
-                            f"(BERT-family naming); this model has {len(tables)}.")
-    tables[0].weight.requires_grad_(False)
+    word_embedding_table(model, "FREEZE_WORD_EMBEDDINGS")[1].weight.requires_grad_(False)
+
+
+def embedding_layer(model):
+    """The module whose output is the token vectors the first encoder layer reads (word plus
+    position embeddings, normalised): the parent of the word-embedding table."""
+    name = word_embedding_table(model, "ADVERSARIAL_EPSILON")[0]
+    return model.get_submodule(name.rpartition(".")[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,7 +796,8 @@ RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "
                      "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
                      "POOLING", "COSINE_HEAD_SCALE", "PROTOTYPE_HEAD_INIT", "REINIT_TOP_LAYERS",
                      "FREEZE_WORD_EMBEDDINGS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
-                     "EMA_DECAY", "RDROP_ALPHA", "DROPOUT", "TOKEN_DROPOUT", "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
+                     "EMA_DECAY", "RDROP_ALPHA", "DROPOUT", "TOKEN_DROPOUT", "ADVERSARIAL_EPSILON",
+                     "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
 
 
 def load_checkpoint(path):
@@ -842,6 +858,9 @@ class Trainer:
             set_dropout(model, self.config.DROPOUT)
         if self.config.FREEZE_WORD_EMBEDDINGS:  # before fit builds the optimizer over what trains
             freeze_word_embeddings(model)
+        self._embedded = self._embedding_shift = None
+        if self.config.ADVERSARIAL_EPSILON:
+            embedding_layer(model).register_forward_hook(self._perturb_embeddings)
         self.label_names = list(label_names if label_names is not None
                                 else (model.config.id2label[i] for i in range(model.config.num_labels)))
         self.model = model.to(self.device)
@@ -1004,6 +1023,8 @@ class Trainer:
                         logits = self.train_model(**batch).logits.float()
                     loss, logits = self._loss(logits, labels, soft_labels)
                     self.scaler.scale(loss / window_samples).backward()
+                    if config.ADVERSARIAL_EPSILON:
+                        self._adversarial_backward(batch, labels, soft_labels, window_samples)
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == labels).sum()
             self._optimizer_step()
@@ -1058,6 +1079,36 @@ class Trainer:
         kl = (F.kl_div(log_p, log_q, log_target=True, reduction="sum")
               + F.kl_div(log_q, log_p, log_target=True, reduction="sum")) / 2
         return (supervised(first) + supervised(second)) / 2 + config.RDROP_ALPHA * kl, first
+
+    def _perturb_embeddings(self, module, args, output):
+        """ADVERSARIAL_EPSILON's hook on the embedding layer, in training passes only: a batch's first
+        pass keeps the layer's output to read its gradient from, the adversarial pass adds the shift."""
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        if self._embedding_shift is not None:
+            return output + self._embedding_shift
+        if not output.requires_grad:  # nothing in the layer trains: its output is where the gradient stops
+            output = output.detach().requires_grad_()
+        output.retain_grad()
+        self._embedded = output
+        return output
+
+    def _adversarial_backward(self, batch, labels, soft_labels, window_samples):
+        """FGM adversarial training: after the batch's backward pass, run it again with each text's
+        embeddings moved by ADVERSARIAL_EPSILON (L2 norm over the text) along the gradient of the
+        loss, the direction that raises it fastest, and add that loss's gradient too: the model
+        learns to keep its prediction in a small ball around every training text."""
+        gradient = self._embedded.grad.float()
+        norm = gradient.flatten(1).norm(dim=1).clamp(min=1e-12)
+        shift = self.config.ADVERSARIAL_EPSILON * gradient / norm[:, None, None]
+        self._embedding_shift, self._embedded = shift.to(self._embedded.dtype), None
+        try:
+            with self.autocast:
+                logits = self.train_model(**batch).logits.float()
+            loss, _ = self._loss(logits, labels, soft_labels)
+            self.scaler.scale(loss / window_samples).backward()
+        finally:
+            self._embedding_shift = None
 
     def _optimizer_step(self):
         if self.config.MAX_GRAD_NORM is not None:
@@ -1700,6 +1751,8 @@ TRAIN_FLAGS = (
     ("--rdrop", "RDROP_ALPHA", float, "R-Drop: weight of the KL term between two dropout passes (0: off)"),
     ("--dropout", "DROPOUT", float, "rate of every dropout layer in the model (default: the checkpoint's)"),
     ("--token-dropout", "TOKEN_DROPOUT", float, "share of each training text's tokens hidden per step (0: off)"),
+    ("--adversarial", "ADVERSARIAL_EPSILON", float,
+     "FGM: size of the embedding perturbation each batch is trained against too (0: off)"),
     ("--soft-targets", "SOFT_TARGETS", str, "CSV of text and prob_<label> columns (cv's oof.csv) to distil from"),
     ("--soft-target-weight", "SOFT_TARGET_WEIGHT", float, "share of the loss that follows the soft targets"),
     ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),

@@ -63,6 +63,7 @@ def test_unknown_preset_lists_the_valid_ones():
     ("MAX_GRAD_NORM", 0, "MAX_GRAD_NORM"),
     ("TOKEN_DROPOUT", 1.0, "TOKEN_DROPOUT"),
     ("DROPOUT", -0.1, "DROPOUT"),
+    ("ADVERSARIAL_EPSILON", -1.0, "ADVERSARIAL_EPSILON"),
 ])
 def test_out_of_range_values_are_refused_with_the_setting_named(attribute, value, words):
     config = FullFinetuneConfig()
@@ -93,9 +94,9 @@ def test_flags_override_only_what_they_name():
 def test_a_switch_flag_turns_its_setting_on():
     args = full_finetune.build_train_parser().parse_args(["--freeze-word-embeddings", "--pooling", "mean",
                                                           "--cosine-head", "20", "--prototype-head",
-                                                          "--token-dropout", "0.1"])
+                                                          "--token-dropout", "0.1", "--adversarial", "0.5"])
     config = full_finetune.config_from_args(args)
-    assert config.TOKEN_DROPOUT == 0.1
+    assert config.TOKEN_DROPOUT == 0.1 and config.ADVERSARIAL_EPSILON == 0.5
     assert config.FREEZE_WORD_EMBEDDINGS is True and config.COSINE_HEAD_SCALE == 20.0
     assert config.PROTOTYPE_HEAD_INIT is True
 

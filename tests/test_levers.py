@@ -1,6 +1,7 @@
 """The accuracy levers: mean pooling (linear or cosine head, the cosine one optionally started at the
 class centroids), layer-wise learning-rate decay, label smoothing, class weights, re-initialised top
-layers, frozen word embeddings, EMA, R-Drop, one dropout rate, token dropout and soft targets."""
+layers, frozen word embeddings, EMA, R-Drop, one dropout rate, token dropout, adversarial training
+and soft targets."""
 
 import json
 
@@ -270,6 +271,48 @@ def test_token_dropout_changes_training_but_not_prediction(tiny_model_factory, t
     dropped.model.load_state_dict(plain_state)  # same weights: evaluation sees every word in both
     dataset = plain.dataset(train)
     torch.testing.assert_close(dropped.predict_logits(dataset), plain.predict_logits(dataset))
+
+
+def test_the_adversarial_pass_moves_each_text_by_epsilon_along_its_loss_gradient(tiny_model_factory, tokenizer):
+    train, names = splits()
+    trainer = Trainer(config_for(EPOCHS=1, ADVERSARIAL_EPSILON=0.5), names, model=tiny_model_factory(),
+                      tokenizer=tokenizer, progress=False)
+    start = tiny_model_factory()  # the same weights as the trainer's model before its first step
+    embedded, inputs, targets = [], [], []
+    layer = full_finetune.embedding_layer(trainer.model)
+    layer.register_forward_hook(  # runs after the trainer's hook: sees the shifted output
+        lambda module, args, output: embedded.append(output.detach().clone()) if module.training else None)
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append(dict(kwargs)) if module.training else None, with_kwargs=True)
+    loss = trainer._loss
+    trainer._loss = lambda logits, labels, soft_labels=None: targets.append(labels) or loss(logits, labels, soft_labels)
+    dataset = trainer.dataset(train)
+    trainer.fit(dataset, dataset)
+    assert len(inputs) == len(targets) == 2 * len(trainer.sampler)  # every batch ran twice
+    torch.testing.assert_close(inputs[1]["input_ids"], inputs[0]["input_ids"])
+    shift = embedded[1] - embedded[0]
+    # The gradient of the first batch's loss with respect to the embedding layer's output, by hand.
+    clean = []
+    full_finetune.embedding_layer(start).register_forward_hook(
+        lambda module, args, output: clean.append(output.detach().requires_grad_()) or clean[0])
+    start.train()
+    torch.nn.functional.cross_entropy(start(**inputs[0]).logits, targets[0], reduction="sum").backward()
+    gradient = clean[0].grad
+    expected = 0.5 * gradient / gradient.flatten(1).norm(dim=1)[:, None, None]
+    torch.testing.assert_close(shift, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shift.flatten(1).norm(dim=1), torch.full((len(shift),), 0.5))
+
+
+def test_adversarial_training_changes_training_but_not_prediction(tiny_model_factory, tokenizer):
+    train, names = splits()
+    plain_state, plain = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
+    robust_state, robust = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1,
+                                         ADVERSARIAL_EPSILON=0.5)
+    change = max((robust_state[key].float() - plain_state[key].float()).abs().max().item() for key in plain_state)
+    assert change > 1e-3  # the adversarial pass added its gradient
+    robust.model.load_state_dict(plain_state)  # same weights: prediction leaves the embeddings alone
+    dataset = plain.dataset(train)
+    torch.testing.assert_close(robust.predict_logits(dataset), plain.predict_logits(dataset))
 
 
 def train_mode_logits_twice(trainer, texts):
