@@ -315,6 +315,20 @@ def test_adversarial_training_changes_training_but_not_prediction(tiny_model_fac
     torch.testing.assert_close(robust.predict_logits(dataset), plain.predict_logits(dataset))
 
 
+def test_adversarial_training_works_when_nothing_in_the_embedding_layer_trains(tiny_model_factory, tokenizer):
+    train, names = splits()
+    states = []
+    for epsilon in (0.0, 0.5):
+        model = tiny_model_factory()
+        for param in full_finetune.embedding_layer(model).parameters():
+            param.requires_grad_(False)  # its output no longer needs a gradient: the hook makes it a leaf
+        trainer = Trainer(config_for(EPOCHS=1, ADVERSARIAL_EPSILON=epsilon), names, model=model,
+                          tokenizer=tokenizer, progress=False)
+        trainer.fit(trainer.dataset(train), trainer.dataset(train))
+        states.append(trainer.model.state_dict())
+    assert max((states[1][key] - states[0][key]).abs().max().item() for key in states[0]) > 1e-3
+
+
 def train_mode_logits_twice(trainer, texts):
     batch = {k: torch.tensor(v) for k, v in trainer.tokenizer(texts, padding=True).items()}
     trainer.model.train()
