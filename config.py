@@ -164,11 +164,12 @@ class ModelConfigs:
         # want a higher learning rate than BERT-base. It was trained as a mean-pooled sentence
         # encoder compared by cosine: mean pooling with a cosine head, layer-wise decay, label
         # smoothing, frozen word embeddings and a weight average (EMA) together validated best on
-        # CLINC150 (README "Accuracy levers").
+        # CLINC150, and adversarial training (FGM) lifted its test mean over eight seeds on top, for
+        # ~1.9x the time per epoch (README "Accuracy levers").
         "minilm": dict(MODEL_NAME="sentence-transformers/all-MiniLM-L6-v2", LEARNING_RATE=2e-4,
                        BATCH_SIZE=32, MAX_LENGTH=128, EPOCHS=10, POOLING="mean", COSINE_HEAD_SCALE=20.0,
                        LAYERWISE_LR_DECAY=0.7, LABEL_SMOOTHING=0.1, FREEZE_WORD_EMBEDDINGS=True,
-                       EMA_DECAY=0.999),
+                       EMA_DECAY=0.999, ADVERSARIAL_EPSILON=1.0),
         "bert_base": dict(MODEL_NAME="bert-base-uncased", LEARNING_RATE=2e-5, BATCH_SIZE=16,
                           MAX_LENGTH=256, EPOCHS=4, WARMUP_RATIO=0.1),
         "roberta_base": dict(MODEL_NAME="roberta-base", LEARNING_RATE=2e-5, BATCH_SIZE=16,
