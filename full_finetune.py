@@ -1019,10 +1019,7 @@ class Trainer:
                 # Across processes, gradients are all-reduced once per window, on its last micro-batch.
                 sync = i == len(window) or self.world_size == 1
                 with contextlib.nullcontext() if sync else self.train_model.no_sync():
-                    with self.autocast:
-                        logits = self.train_model(**batch).logits.float()
-                    loss, logits = self._loss(logits, labels, soft_labels)
-                    self.scaler.scale(loss / window_samples).backward()
+                    loss, logits = self._forward_backward(batch, labels, soft_labels, window_samples)
                     if config.ADVERSARIAL_EPSILON:
                         self._adversarial_backward(batch, labels, soft_labels, window_samples)
                 loss_sum += loss.detach()
@@ -1054,6 +1051,15 @@ class Trainer:
         return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
                 "seconds": round(seconds, 2),
                 "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
+
+    def _forward_backward(self, batch, labels, soft_labels, window_samples):
+        """One micro-batch: the forward pass under autocast, the loss, and its share of the window's
+        gradient. Returns the summed loss and the logits to count correct rows with."""
+        with self.autocast:
+            logits = self.train_model(**batch).logits.float()
+        loss, logits = self._loss(logits, labels, soft_labels)
+        self.scaler.scale(loss / window_samples).backward()
+        return loss, logits
 
     def _loss(self, logits, labels, soft_labels=None):
         """The training loss summed over the batch, and the logits to count correct rows with.
@@ -1103,10 +1109,7 @@ class Trainer:
         shift = self.config.ADVERSARIAL_EPSILON * gradient / norm[:, None, None]
         self._embedding_shift, self._embedded = shift.to(self._embedded.dtype), None
         try:
-            with self.autocast:
-                logits = self.train_model(**batch).logits.float()
-            loss, _ = self._loss(logits, labels, soft_labels)
-            self.scaler.scale(loss / window_samples).backward()
+            self._forward_backward(batch, labels, soft_labels, window_samples)
         finally:
             self._embedding_shift = None
 
