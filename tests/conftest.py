@@ -1,10 +1,14 @@
-"""Shared fixtures: the packaged tokenizer, tiny random models, and small labelled CSVs.
+"""Shared fixtures: the packaged tokenizer, tiny random models, small labelled CSVs, one tiny trained
+run shared by the output tests, and two guards: every test runs in its own temporary folder, and a
+test that leaves or changes a file in the checkout fails.
 
 Unit tests use a 2-layer, 32-wide BERT built from a config (fast on CPU); only test_end_to_end.py
-loads the real packaged MiniLM.
+loads the real packaged MiniLM. Subprocesses get thread counts that do not oversubscribe the cores.
 """
 
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network; no half-minute hub timeouts
 
 from config import FullFinetuneConfig  # noqa: E402
 
@@ -23,6 +28,7 @@ CLASS_WORDS = {
     "refund": ["refund", "return", "broken", "exchange", "money", "back"],
 }
 FILLER = ["the", "my", "please", "can", "you", "tell", "me", "about", "this", "order", "today", "hi"]
+IGNORED_IN_CHECKOUT = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
 
 def make_rows(rows_per_class, seed=0):
@@ -35,6 +41,36 @@ def make_rows(rows_per_class, seed=0):
             rows.append({"text": f"{text} {rng.choice(words)}", "label": label})
     rng.shuffle(rows)
     return pd.DataFrame(rows)
+
+
+def subprocess_env(threads=2):
+    """The environment of a child process: offline, with `threads` torch threads (two processes
+    on two cores each with two threads slow each other ~4x)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+
+
+def checkout_files():
+    """Size and modification time of every file of the checkout, caches and .git left out."""
+    files = {}
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in IGNORED_IN_CHECKOUT]
+        for name in names:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            files[os.path.relpath(path, ROOT)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(autouse=True)
+def run_in_a_temporary_folder_and_leave_the_checkout_alone(tmp_path, monkeypatch):
+    """Each test's working directory is its own tmp_path (OUTPUT_DIR "outputs" lands there), and
+    the test fails if it added, changed or removed a file of the checkout."""
+    before = checkout_files()
+    monkeypatch.chdir(tmp_path)
+    yield
+    after = checkout_files()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the test wrote into the checkout: {changed[:10]}"
 
 
 @pytest.fixture(scope="session")
@@ -66,14 +102,14 @@ def tiny_model_factory(tokenizer):
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random BERT saved as a Hugging Face folder, usable as MODEL_NAME (no network)."""
     folder = tmp_path_factory.mktemp("tiny_bert")
-    tiny_bert(tokenizer).save_pretrained(folder)
+    tiny_bert(tokenizer, dropout=0.1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-@pytest.fixture
-def small_csv(tmp_path):
-    path = tmp_path / "train.csv"
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.csv"
     make_rows(40).to_csv(path, index=False)
     return path
 
@@ -90,3 +126,33 @@ def tiny_config(tmp_path, small_csv, tiny_model_dir):
     config.MAX_LENGTH = 32
     config.LEARNING_RATE = 1e-3
     return config
+
+
+def tiny_run_args(model_dir, data, output_dir, *more):
+    return ["--model", str(model_dir), "--data", str(data), "--output-dir", str(output_dir), "--epochs", "2",
+            "--max-length", "32", "--lr", "1e-3", "--batch-size", "16", *more]
+
+
+@pytest.fixture(scope="session")
+def test_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("test_file") / "test.csv"
+    pd.DataFrame({"id": [101, 205, 307], "text": ["price of it?", "where is my parcel", "send it back"]}).to_csv(
+        path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, small_csv, test_csv):
+    """One command-line run of the default recipe with the tiny model and a test file, shared by the
+    tests that only read its outputs (tests that change them work on a copy: `own_run`)."""
+    import full_finetune
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, out, "--test", str(test_csv))) == 0
+    return out
+
+
+@pytest.fixture
+def own_run(trained_run, tmp_path):
+    """A copy of the shared run's output folder, free to change."""
+    return Path(shutil.copytree(trained_run, tmp_path / "copied_run"))

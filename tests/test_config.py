@@ -1,9 +1,13 @@
+"""The settings table: class attributes, validation of types and ranges, presets, and the flags."""
+
 import json
+import math
+from pathlib import Path
 
 import pytest
 
 import full_finetune
-from config import FinetuneError, FullFinetuneConfig, ModelConfigs
+from config import SETTING_BY_NAME, SETTINGS, SWITCH, FinetuneError, FullFinetuneConfig, ModelConfigs
 
 
 def test_class_attribute_assignment_changes_the_next_run(monkeypatch, tiny_config, tiny_model_dir, tmp_path):
@@ -20,6 +24,12 @@ def test_class_attribute_assignment_changes_the_next_run(monkeypatch, tiny_confi
     assert metrics["config"]["MAX_LENGTH"] == 24
 
 
+def test_every_setting_is_a_class_attribute_with_its_rows_default():
+    for setting in SETTINGS:
+        assert getattr(FullFinetuneConfig, setting.name) == setting.default
+    assert FullFinetuneConfig().validate().to_dict() == {s.name: s.default for s in SETTINGS}
+
+
 def test_instance_sees_class_defaults_until_it_overrides_them(monkeypatch):
     config = FullFinetuneConfig()
     monkeypatch.setattr(FullFinetuneConfig, "BATCH_SIZE", 7)
@@ -28,12 +38,32 @@ def test_instance_sees_class_defaults_until_it_overrides_them(monkeypatch):
     assert FullFinetuneConfig.BATCH_SIZE == 7 and config.to_dict()["BATCH_SIZE"] == 9
 
 
-@pytest.mark.parametrize("name", ["minilm", "bert_base", "roberta_base", "distilbert", "bert_base_chinese"])
-def test_presets_are_valid_and_distinct_from_the_class(name):
+def test_paths_may_be_pathlib_paths_and_are_recorded_as_text(tmp_path):
+    config = FullFinetuneConfig()
+    config.DATA_PATH, config.OUTPUT_DIR = tmp_path / "train.csv", tmp_path / "out"
+    assert config.validate().to_dict()["DATA_PATH"] == str(tmp_path / "train.csv")
+    json.dumps(config.to_dict())
+
+
+@pytest.mark.parametrize("name", list(ModelConfigs.PRESETS))
+def test_presets_are_valid_and_name_only_settings(name):
     config = ModelConfigs.get_config(name)
     assert config.validate() is config
-    assert config.MODEL_NAME == ModelConfigs.PRESETS[name]["MODEL_NAME"]
-    assert config.LEARNING_RATE == ModelConfigs.PRESETS[name]["LEARNING_RATE"]
+    assert set(ModelConfigs.PRESETS[name]) <= set(SETTING_BY_NAME)
+    for key, value in ModelConfigs.PRESETS[name].items():
+        assert getattr(config, key) == value
+
+
+def test_the_default_is_the_tuned_recipe_and_hf_cls_the_plain_one():
+    default = FullFinetuneConfig()
+    assert (default.POOLING, default.COSINE_HEAD_SCALE, default.LAYERWISE_LR_DECAY, default.LABEL_SMOOTHING,
+            default.FREEZE_WORD_EMBEDDINGS, default.EMA_DECAY, default.ADVERSARIAL_EPSILON) == (
+        "mean", 20.0, 0.7, 0.1, True, 0.999, 0.0)
+    assert ModelConfigs.get_config("minilm").to_dict() == default.to_dict()
+    assert ModelConfigs.get_config("minilm_adversarial").ADVERSARIAL_EPSILON == 1.0
+    plain = ModelConfigs.get_config("hf_cls")
+    assert (plain.POOLING, plain.COSINE_HEAD_SCALE, plain.EMA_DECAY, plain.FREEZE_WORD_EMBEDDINGS) == (
+        "cls", None, None, False)
 
 
 def test_preset_values_do_not_leak_into_the_class():
@@ -49,62 +79,105 @@ def test_unknown_preset_lists_the_valid_ones():
         assert name in str(err.value)
 
 
-@pytest.mark.parametrize("attribute, value, words", [
-    ("BATCH_SIZE", 0, "BATCH_SIZE"),
-    ("EPOCHS", 1.5, "EPOCHS"),
-    ("LEARNING_RATE", -1e-4, "LEARNING_RATE"),
-    ("TRAIN_RATIO", 0.9, "test split"),
-    ("VAL_RATIO", 0.0, "test split"),
-    ("WARMUP_RATIO", 1.0, "WARMUP_RATIO"),
-    ("SCHEDULER", "step", "linear, cosine"),
-    ("MIXED_PRECISION", "fp8", "MIXED_PRECISION"),
-    ("EARLY_STOPPING_METRIC", "f1", "val_macro_f1"),
-    ("EARLY_STOPPING_PATIENCE", 0, "EARLY_STOPPING_PATIENCE"),
-    ("MAX_GRAD_NORM", 0, "MAX_GRAD_NORM"),
-    ("TOKEN_DROPOUT", 1.0, "TOKEN_DROPOUT"),
-    ("DROPOUT", -0.1, "DROPOUT"),
-    ("ADVERSARIAL_EPSILON", -1.0, "ADVERSARIAL_EPSILON"),
+# Values of the wrong type or out of range for some settings; each setting must refuse every one
+# its kind does not accept, naming itself, the value and what it expects.
+CANDIDATE_BAD_VALUES = [None, "no", "2e-4", 0, -1, 1.5, 2**33, float("nan"), float("inf"), True, 0.0, 1.0]
+
+
+def wrong_values(setting):
+    return [value for value in CANDIDATE_BAD_VALUES if not setting.kind.accepts(value)]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[s.name for s in SETTINGS])
+def test_every_setting_refuses_values_of_the_wrong_type_or_range(setting):
+    assert wrong_values(setting), f"no candidate is wrong for {setting.name}"
+    for value in wrong_values(setting):
+        config = FullFinetuneConfig()
+        setattr(config, setting.name, value)
+        with pytest.raises(FinetuneError) as err:
+            config.validate()
+        assert str(err.value) == f"{setting.name} must be {setting.kind.expects}, not {value!r}."
+
+
+@pytest.mark.parametrize("name, value", [
+    ("LEARNING_RATE", "2e-4"), ("WEIGHT_DECAY", None), ("WARMUP_RATIO", "0.1"), ("DROPOUT", "0.1"),
+    ("MAX_GRAD_NORM", "1"), ("OUTPUT_DIR", None), ("GROUP_BY_LENGTH", "no"), ("FREEZE_WORD_EMBEDDINGS", 1),
+    ("DEVICE", 0), ("SEED", -1), ("SEED", 2**32), ("EPOCHS", 1.5), ("BATCH_SIZE", 0), ("SCHEDULER", "step"),
+    ("MIXED_PRECISION", "fp8"), ("EMA_DECAY", 1.0), ("LEARNING_RATE", math.nan), ("TEST_PATH", 3),
 ])
-def test_out_of_range_values_are_refused_with_the_setting_named(attribute, value, words):
+def test_the_wrong_values_users_wrote_are_refused_naming_setting_and_value(name, value):
     config = FullFinetuneConfig()
-    setattr(config, attribute, value)
-    with pytest.raises(FinetuneError, match=words):
+    setattr(config, name, value)
+    with pytest.raises(FinetuneError, match=f"^{name} must be .*, not {value!r}"):
+        config.validate()
+
+
+def test_cross_setting_rules_are_refused_in_one_sentence():
+    config = FullFinetuneConfig()
+    config.POOLING = "cls"  # the default cosine head needs mean pooling
+    with pytest.raises(FinetuneError, match="COSINE_HEAD_SCALE .*needs POOLING"):
+        config.validate()
+    config.COSINE_HEAD_SCALE = None
+    config.validate()
+    config.TRAIN_RATIO, config.VAL_RATIO = 0.8, 0.2
+    with pytest.raises(FinetuneError, match="test split"):
+        config.validate()
+
+
+def test_a_misspelt_setting_is_refused_with_the_likely_name():
+    config = FullFinetuneConfig()
+    config.LEARNIN_RATE = 1e-3
+    with pytest.raises(FinetuneError, match="LEARNIN_RATE is not a setting; did you mean LEARNING_RATE"):
         config.validate()
 
 
 def test_command_line_refuses_a_bad_value_in_one_line(capsys, tiny_config):
-    code = full_finetune.main(["--data", tiny_config.DATA_PATH, "--batch-size", "0",
+    code = full_finetune.main(["--data", tiny_config.DATA_PATH, "--weight-decay", "-1",
                                "--output-dir", tiny_config.OUTPUT_DIR])
     err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("error: BATCH_SIZE") and err.count("\n") == 1
+    assert code == 2 and err == "error: WEIGHT_DECAY must be a number of 0 or more, not -1.0.\n"
+
+
+def test_a_flag_that_cannot_be_read_says_what_it_expects(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        full_finetune.main(["--epochs", "three"])
+    assert exit_.value.code == 2
+    assert "EPOCHS must be a whole number of at least 1, not 'three'" in capsys.readouterr().err
+
+
+def test_every_setting_with_a_flag_is_in_the_help_and_sets_it(capsys):
+    with pytest.raises(SystemExit):
+        full_finetune.main(["--help"])
+    help_text = capsys.readouterr().out
+    for command in ("cv", "predict", "evaluate"):
+        assert command in help_text
+    for setting in SETTINGS:
+        if setting.flag and setting.name != "N_FOLDS":
+            assert setting.flag in help_text, setting.flag
+    args = full_finetune.parse_args(["cv", "--folds", "3", "--no-freeze-word-embeddings", "--ema-decay", "None",
+                                     "--patience", "none", "--lr", "3e-5"])
+    config = full_finetune.config_from_args(args)
+    assert (config.N_FOLDS, config.FREEZE_WORD_EMBEDDINGS, config.EMA_DECAY, config.EARLY_STOPPING_PATIENCE,
+            config.LEARNING_RATE) == (3, False, None, None, 3e-5)  # a flag given as None sets None
+    preset = full_finetune.config_from_args(full_finetune.parse_args(["--preset", "distilbert", "--lr", "3e-5"]))
+    assert preset.MODEL_NAME == "distilbert-base-uncased" and preset.LEARNING_RATE == 3e-5
+    assert preset.BATCH_SIZE == 32 and preset.SEED == FullFinetuneConfig.SEED
+
+
+def test_switch_flags_turn_a_setting_on_and_off():
+    for flag, value in (("--group-by-length", True), ("--no-group-by-length", False)):
+        assert full_finetune.config_from_args(full_finetune.parse_args([flag])).GROUP_BY_LENGTH is value
+    assert all(s.flag for s in SETTINGS if s.kind is SWITCH)
 
 
 def test_flags_override_only_what_they_name():
-    args = full_finetune.build_train_parser().parse_args(["--preset", "distilbert", "--lr", "3e-5",
-                                                          "--dropout", "0.05"])
-    config = full_finetune.config_from_args(args)
-    assert config.LEARNING_RATE == 3e-5 and config.DROPOUT == 0.05
-    assert config.MODEL_NAME == "distilbert-base-uncased"
-    assert config.BATCH_SIZE == ModelConfigs.PRESETS["distilbert"]["BATCH_SIZE"]
-    assert config.SEED == FullFinetuneConfig.SEED
-    assert config.FREEZE_WORD_EMBEDDINGS is False
+    config = full_finetune.config_from_args(full_finetune.parse_args(["--dropout", "0.05", "--test", "t.csv"]))
+    changed = {k for k, v in config.to_dict().items() if v != getattr(FullFinetuneConfig, k)}
+    assert changed == {"DROPOUT", "TEST_PATH"} and config.TEST_PATH == "t.csv"
 
 
-def test_a_switch_flag_turns_its_setting_on():
-    args = full_finetune.build_train_parser().parse_args(["--freeze-word-embeddings", "--pooling", "mean",
-                                                          "--cosine-head", "20", "--prototype-head",
-                                                          "--token-dropout", "0.1", "--adversarial", "0.5"])
-    config = full_finetune.config_from_args(args)
-    assert config.TOKEN_DROPOUT == 0.1 and config.ADVERSARIAL_EPSILON == 0.5
-    assert config.FREEZE_WORD_EMBEDDINGS is True and config.COSINE_HEAD_SCALE == 20.0
-    assert config.PROTOTYPE_HEAD_INIT is True
-
-
-def test_help_documents_the_flags(capsys):
-    with pytest.raises(SystemExit):
-        full_finetune.main(["--help"])
-    out = capsys.readouterr().out
-    for flag in ("--model", "--preset", "--data", "--epochs", "--batch-size", "--lr", "--max-length",
-                 "--output-dir", "--text-column", "--label-column", "--seed", "predict"):
-        assert flag in out
+def test_setting_names_and_flags_are_unique():
+    names = [s.name for s in SETTINGS]
+    flags = [s.flag for s in SETTINGS if s.flag]
+    assert len(set(names)) == len(names) and len(set(flags)) == len(flags)
+    assert all(Path(flag).name.startswith("--") for flag in flags)

@@ -94,6 +94,32 @@ def test_batches_cover_every_row_exactly_once_per_epoch(grouped):
     assert epochs[0] != epochs[1]
 
 
+def test_each_seed_and_epoch_has_its_own_batch_order():
+    lengths = list(range(3, 67))
+
+    def batches(seed, epoch):
+        sampler = ShuffledBatches(lengths, 8, seed=seed, group_by_length=False)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert batches(42, 2) != batches(43, 1)  # not seed + epoch
+    assert batches(42, 1) == batches(42, 1) and batches(42, 1) != batches(42, 2)
+
+
+@pytest.mark.parametrize("world_size, accumulation, skip", [(1, 2, 0), (2, 2, 0), (2, 1, 3), (3, 2, 2)])
+def test_samples_per_window_sum_every_ranks_rows_of_each_optimizer_step(world_size, accumulation, skip):
+    lengths = [5] * 61  # batches of 8: 7 full and one of 5
+    samplers = [ShuffledBatches(lengths, 8, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    for sampler in samplers:
+        sampler.set_epoch(1, skip=skip)
+    per_rank = [list(sampler) for sampler in samplers]
+    expected = []
+    for start in range(0, len(per_rank[0]), accumulation):
+        expected.append(sum(len(b) for rank in per_rank for b in rank[start:start + accumulation]))
+    assert samplers[0].samples_per_window(accumulation) == expected
+    assert all(s.samples_per_window(accumulation) == expected for s in samplers)
+
+
 def test_grouped_batches_pad_far_less_than_random_ones():
     lengths = list(np.random.default_rng(0).integers(3, 120, size=2000))
 
@@ -125,6 +151,9 @@ def write(path, content, encoding="utf-8"):
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
+    ("folder", "is a folder; give the path of a CSV file"),
+    ("text;label\nhello, and welcome;a\nbye, bye;b\nagain;a\n", "separated by ';'"),
+    ("text|label\nhello|a\n", "separated by '\\|'"),
     ("", "is empty"),
     ("text,label\n", "no data rows"),
     ("review,sentiment\nnice,pos\n", "'text' or 'label'.*'review', 'sentiment'.*TEXT_COLUMN"),
@@ -136,12 +165,42 @@ def write(path, content, encoding="utf-8"):
 ])
 def test_bad_training_files_fail_with_one_sentence(tmp_path, content, message):
     path = tmp_path / "train.csv"
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         write(path, content)
     config = FullFinetuneConfig()
     config.DATA_PATH = str(path)
     with pytest.raises(FinetuneError, match=message):
         load_data(config)
+
+
+def test_a_byte_order_mark_from_excel_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "train.csv"
+    make_rows(30).to_csv(path, index=False, encoding="utf-8-sig")
+    config = FullFinetuneConfig()
+    config.DATA_PATH = str(path)
+    assert load_data(config).label_names == ["delivery", "price", "refund"]
+
+
+def test_many_small_classes_are_named_on_one_short_line():
+    labels = np.repeat(np.arange(176), [50] + [2] * 175)
+    names = [f"intent_{i}" for i in range(176)]
+    with pytest.raises(FinetuneError) as err:
+        stratified_split(labels, 0.8, 0.1, seed=0, label_names=names)
+    message = str(err.value)
+    assert "'intent_1' (2)" in message and "and 165 more" in message and "intent_175" not in message
+    assert len(message) < 400
+
+
+def test_a_test_file_with_repeated_ids_and_empty_texts_is_read_with_warnings(tmp_path, capsys):
+    path = tmp_path / "test.csv"
+    pd.DataFrame({"id": [1, 2, 2, 3, 1], "text": ["a", "", "b", None, "c"]}).to_csv(path, index=False)
+    ids, texts = full_finetune.read_test_file(path, "text")
+    assert list(ids) == [1, 2, 2, 3, 1] and texts == ["a", "", "b", "", "c"]
+    out = capsys.readouterr().out
+    assert "warning: 2 rows of" in out and "empty text" in out
+    assert "warning: 2 rows of" in out and "repeat an id" in out
 
 
 def test_bad_file_on_the_command_line_exits_2_without_traceback(tmp_path, capsys):

@@ -1,9 +1,7 @@
-"""The accuracy levers: mean pooling (linear or cosine head, the cosine one optionally started at the
-class centroids), layer-wise learning-rate decay, label smoothing, class weights, re-initialised top
-layers, frozen word embeddings, EMA, R-Drop, one dropout rate, token dropout, adversarial training
-and soft targets."""
-
-import json
+"""The model-side settings (the head, dropout, frozen word embeddings) applied to loaded and passed
+models alike, and the levers of the loss and the loop: label smoothing, class weights, the weight
+average (EMA) and adversarial training (FGM). Also the presets' architectures (DeBERTa-v3,
+ModernBERT) as tiny random models."""
 
 import pytest
 import torch
@@ -11,28 +9,18 @@ from test_training import config_for, splits, trained_state
 
 import full_finetune
 from conftest import tiny_bert
-from full_finetune import (
-    MeanPoolingClassifier,
-    PadToLongest,
-    Trainer,
-    balanced_class_weights,
-    build_optimizer,
-    reinit_top_layers,
-)
+from full_finetune import Trainer, balanced_class_weights, prepare_model
+from modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
 
 
 def mean_model(tokenizer, cosine_scale=None):
-    from transformers import BertModel
-
-    torch.manual_seed(0)
-    encoder = BertModel(tiny_bert(tokenizer).config)
-    encoder.config.id2label = {0: "a", 1: "b", 2: "c"}
-    return MeanPoolingClassifier(encoder, 3, cosine_scale).eval()
+    return prepare_model(tiny_bert(tokenizer), config_for(COSINE_HEAD_SCALE=cosine_scale, FREEZE_WORD_EMBEDDINGS=False),
+                         ["a", "b", "c"]).eval()
 
 
 def test_mean_pooling_ignores_padding(tokenizer):
     model = mean_model(tokenizer)
-    collate = PadToLongest(tokenizer.pad_token_id)
+    collate = full_finetune.PadToLongest(tokenizer.pad_token_id)
     short = tokenizer(["hi there"])
     both = collate([{k: v[0] for k, v in short.items()},
                     {k: v[0] for k, v in tokenizer(["a much longer message about a parcel"]).items()}])
@@ -54,164 +42,123 @@ def test_the_cosine_head_is_the_scaled_cosine_of_the_pooled_vector_and_each_clas
                                   for p in pooled[0]])
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, by_hand, atol=1e-4, rtol=1e-4)
-    assert logits.abs().max() <= 16.0
 
 
-def test_a_cosine_head_needs_mean_pooling():
-    with pytest.raises(full_finetune.FinetuneError, match="COSINE_HEAD_SCALE"):
-        config_for(COSINE_HEAD_SCALE=20.0).validate()  # POOLING is "cls"
-    with pytest.raises(full_finetune.FinetuneError, match="COSINE_HEAD_SCALE"):
-        config_for(COSINE_HEAD_SCALE=0.0, POOLING="mean").validate()
-    config_for(COSINE_HEAD_SCALE=20.0, POOLING="mean").validate()
+def test_a_passed_model_gets_the_head_dropout_and_freezing_a_loaded_one_gets(tiny_model_dir, tokenizer):
+    names = ["delivery", "price", "refund"]
+    config = config_for(DROPOUT=0.2)
+    passed = Trainer(config, names, model=tiny_bert(tokenizer), tokenizer=tokenizer, progress=False).model
+    loaded = Trainer(config_for(DROPOUT=0.2, MODEL_NAME=str(tiny_model_dir)), names, progress=False).model
+    for model in (passed, loaded):
+        assert isinstance(model, MeanPoolingForSequenceClassification) and model.config.cosine_scale == 20.0
+        assert model.encoder.pooler is None  # unused: under DDP a parameter without gradient is an error
+        assert model.config.id2label == dict(enumerate(names))
+        assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
+        assert not model.get_input_embeddings().weight.requires_grad
+        assert all(p.requires_grad for n, p in model.named_parameters() if "word_embeddings" not in n)
+    plain = Trainer(config_for(POOLING="cls", COSINE_HEAD_SCALE=None, FREEZE_WORD_EMBEDDINGS=False), names,
+                    model=tiny_bert(tokenizer), tokenizer=tokenizer, progress=False).model
+    assert type(plain).__name__ == "BertForSequenceClassification"
+    assert plain.get_input_embeddings().weight.requires_grad
 
 
-def test_the_prototype_head_starts_each_class_at_the_mean_direction_of_its_texts(tokenizer):
-    train, names = splits(rows_per_class=5)
-    model = mean_model(tokenizer, cosine_scale=10.0)
-    model.classifier.weight.data[2] = torch.tensor(7.0)  # the third class gets no rows below
-    rows = [(text, label) for text, label in zip(train.texts, train.labels, strict=True) if label < 2]
-    trainer = Trainer(config_for(POOLING="mean", COSINE_HEAD_SCALE=10.0, PROTOTYPE_HEAD_INIT=True, EVAL_BATCH_SIZE=4),
-                      names, model=model, tokenizer=tokenizer, progress=False)
-    rng = torch.get_rng_state()
-    trainer._start_head_at_class_means(trainer.dataset(full_finetune.Split(*map(list, zip(*rows, strict=True)))))
-    assert torch.equal(torch.get_rng_state(), rng)  # dropout and batch order stay those of a run without it
-    for label in (0, 1):
-        with torch.no_grad():  # one text at a time, unpadded
-            pooled = torch.cat([model.pool(**{k: torch.tensor(v) for k, v in tokenizer([text]).items()})
-                                for text, y in rows if y == label])
-        direction = torch.nn.functional.normalize(pooled, dim=-1).mean(0)
-        torch.testing.assert_close(model.classifier.weight[label], direction / direction.norm(), atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.classifier.weight[2], torch.full((32,), 7.0))
+def test_a_model_whose_head_differs_from_the_settings_is_refused_in_one_sentence(tokenizer):
+    with pytest.raises(full_finetune.FinetuneError, match="model's head is POOLING 'mean' .*ask for 'cls'"):
+        prepare_model(mean_model(tokenizer), config_for(POOLING="cls", COSINE_HEAD_SCALE=None), ["a", "b", "c"])
 
 
-def test_the_prototype_head_needs_a_cosine_head(tokenizer):
-    with pytest.raises(full_finetune.FinetuneError, match="PROTOTYPE_HEAD_INIT needs the cosine head"):
-        config_for(POOLING="mean", PROTOTYPE_HEAD_INIT=True).validate()
-    train, names = splits(rows_per_class=2)
-    # A model passed in with a linear head, though the config names a cosine one.
-    trainer = Trainer(config_for(POOLING="mean", COSINE_HEAD_SCALE=10.0, PROTOTYPE_HEAD_INIT=True, EPOCHS=1),
-                      names, model=mean_model(tokenizer), tokenizer=tokenizer, progress=False)
-    dataset = trainer.dataset(train)
-    with pytest.raises(full_finetune.FinetuneError, match="PROTOTYPE_HEAD_INIT needs the cosine head"):
-        trainer.fit(dataset, dataset)
+def test_the_mean_pooling_model_reloads_from_its_folder_with_the_same_outputs(tokenizer, tmp_path):
+    model = mean_model(tokenizer, cosine_scale=12.0)
+    full_finetune.register_mean_pooling_head()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    reloaded, _ = full_finetune.load_saved_model(tmp_path / "m")
+    assert isinstance(reloaded.config, MeanPoolingConfig) and reloaded.config.cosine_scale == 12.0
+    batch = {k: torch.tensor(v) for k, v in tokenizer(["where is my parcel"]).items()}
+    torch.testing.assert_close(reloaded.eval()(**batch).logits, model(**batch).logits)
 
 
-@pytest.mark.parametrize("cosine_scale", [None, 10.0])
-def test_a_mean_pooling_run_saves_a_folder_that_predicts_the_same(tiny_config, tmp_path, cosine_scale):
-    tiny_config.POOLING, tiny_config.COSINE_HEAD_SCALE = "mean", cosine_scale
-    metrics = full_finetune.run_training(tiny_config)
-    folder = full_finetune.Path(tiny_config.OUTPUT_DIR) / "full_finetune_model"
-    assert (folder / "mean_pooling_head.pt").is_file()
-    saved = json.loads((folder / "config.json").read_text())
-    assert saved["pooling"] == "mean" and saved["cosine_scale"] == cosine_scale
-    reloaded = Trainer.from_pretrained(folder, progress=False)
-    assert isinstance(reloaded.model, MeanPoolingClassifier)
-    assert reloaded.model.config.cosine_scale == cosine_scale
-    assert reloaded.label_names == ["delivery", "price", "refund"]
-    data = full_finetune.load_data(tiny_config)
-    assert reloaded.evaluate(reloaded.dataset(data.test))["accuracy"] == metrics["accuracy"]
-
-
-def test_layerwise_decay_scales_the_learning_rate_by_depth(tiny_model_factory):
-    model = tiny_model_factory()  # 2 encoder layers
-    optimizer = build_optimizer(model, config_for(LAYERWISE_LR_DECAY=0.5, LEARNING_RATE=1e-3), torch.device("cpu"))
-    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    params = dict(model.named_parameters())
-    assert lr_of[id(params["classifier.weight"])] == pytest.approx(1e-3)
-    assert lr_of[id(params["bert.encoder.layer.1.output.dense.weight"])] == pytest.approx(5e-4)
-    assert lr_of[id(params["bert.encoder.layer.0.output.dense.weight"])] == pytest.approx(2.5e-4)
-    assert lr_of[id(params["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1.25e-4)
-    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
-    assert decay_of[id(params["bert.encoder.layer.0.output.dense.bias"])] == 0.0
-
-
-def test_label_smoothing_and_class_weights_change_the_training_loss(tiny_model_factory, tokenizer):
-    train, names = splits()
-    losses = {}
-    for name, overrides in {"plain": {}, "smoothed": {"LABEL_SMOOTHING": 0.2},
-                            "weighted": {"CLASS_WEIGHTS": "balanced"}}.items():
-        trainer = Trainer(config_for(EPOCHS=1, **overrides), names, model=tiny_model_factory(),
-                          tokenizer=tokenizer, progress=False)
-        dataset = trainer.dataset(train)
-        losses[name] = trainer.fit(dataset, dataset)[0]["train_loss"]
-    assert losses["smoothed"] != pytest.approx(losses["plain"], rel=1e-4)
-    assert losses["weighted"] == pytest.approx(losses["plain"], rel=1e-6)  # balanced classes: weights all 1
-    torch.testing.assert_close(balanced_class_weights([0, 0, 0, 1], 2), torch.tensor([4 / 6, 2.0]))
-
-
-def test_reinit_top_layers_changes_only_the_top_layers_of_a_loaded_model(tiny_model_dir):
-    # Loaded from a folder, as in a real run: transformers marks those weights as initialised.
-    model, _, _ = full_finetune.load_model_and_tokenizer(str(tiny_model_dir), ["a", "b", "c"])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(123)
-    assert reinit_top_layers(model, 1) == 1
-    after = model.state_dict()
-    top = "bert.encoder.layer.1.attention.self.query.weight"
-    bottom = "bert.encoder.layer.0.attention.self.query.weight"
-    assert not torch.equal(before[top], after[top])
-    assert torch.equal(after["bert.encoder.layer.1.output.LayerNorm.weight"], torch.ones(32))
-    assert torch.equal(before[bottom], after[bottom])
-
-
-def test_frozen_word_embeddings_keep_their_values_while_the_rest_trains(tiny_model_factory, tokenizer):
-    train, names = splits()
-    model = tiny_model_factory()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(config_for(EPOCHS=1, FREEZE_WORD_EMBEDDINGS=True, EMA_DECAY=0.9), names, model=model,
-                      tokenizer=tokenizer, progress=False)
-    dataset = trainer.dataset(train)
-    trainer.fit(dataset, dataset)
-    after = trainer.model.state_dict()
-    table = "bert.embeddings.word_embeddings.weight"
-    assert torch.equal(before[table], after[table])
-    assert not torch.equal(before["bert.embeddings.position_embeddings.weight"],
-                           after["bert.embeddings.position_embeddings.weight"])
-    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
-    assert len(trainer.trained_params) == len(list(model.parameters())) - 1
-
-
-def test_freezing_a_model_without_a_word_embedding_table_is_refused_in_one_sentence():
-    with pytest.raises(full_finetune.FinetuneError, match="FREEZE_WORD_EMBEDDINGS needs one"):
-        full_finetune.freeze_word_embeddings(torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 2)))
-
-
-def test_mean_pooling_drops_the_unused_pooler_so_ddp_sees_no_idle_parameters(tokenizer):
+def test_the_unused_pooler_is_gone_so_every_parameter_gets_a_gradient(tokenizer):
     model = mean_model(tokenizer).train()
     batch = {k: torch.tensor(v) for k, v in tokenizer(["where is my parcel"]).items()}
     model(**batch).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_reinit_more_layers_than_the_model_has_is_refused(tiny_model_factory):
-    with pytest.raises(full_finetune.FinetuneError, match="has 2 encoder layers"):
-        reinit_top_layers(tiny_model_factory(), 3)
+def test_label_smoothing_and_balanced_class_weights_are_the_loss(tiny_model_factory, tokenizer):
+    _, names = splits()
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 2])  # imbalanced: class 1 absent, class 2 rare
+    trainer = Trainer(config_for(LABEL_SMOOTHING=0.2), names, model=tiny_model_factory(), tokenizer=tokenizer,
+                      progress=False)
+    trainer.class_weights = balanced_class_weights(labels.tolist(), 3)
+    torch.testing.assert_close(trainer.class_weights, torch.tensor([4 / 9, 4 / 3, 4 / 3]))
+    log_p = logits.log_softmax(-1)
+    target = torch.nn.functional.one_hot(labels, 3) * 0.8 + 0.2 / 3
+    # Each term of the smoothed target is weighted by its class's weight.
+    torch.testing.assert_close(trainer.loss(logits, labels), -(target * log_p * trainer.class_weights).sum())
+    trainer.class_weights = None
+    plain = torch.nn.functional.cross_entropy(logits, labels, reduction="sum", label_smoothing=0.2)
+    torch.testing.assert_close(trainer.loss(logits, labels), plain)
+
+
+def test_balanced_class_weights_change_what_is_learned_from_imbalanced_data(tiny_model_factory, tokenizer):
+    train, names = splits()
+    keep = [i for i, label in enumerate(train.labels) if label != 2 or i % 6 == 0]  # class 2 made rare
+    train = full_finetune.Split([train.texts[i] for i in keep], [train.labels[i] for i in keep])
+    plain, _ = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
+    weighted, trainer = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1, CLASS_WEIGHTS="balanced")
+    assert trainer.class_weights[2] > 2 * trainer.class_weights[0]
+    assert max((weighted[k] - plain[k]).abs().max().item() for k in plain) > 1e-4
+
+
+def test_frozen_word_embeddings_keep_their_values_while_the_rest_trains(tiny_model_factory, tokenizer):
+    train, names = splits()
+    state, trainer = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
+    before = prepare_model(tiny_model_factory(), config_for(), names).state_dict()
+    table = "encoder.embeddings.word_embeddings.weight"
+    assert torch.equal(before[table], state[table])
+    for moved in ("encoder.embeddings.position_embeddings.weight", "classifier.weight"):
+        assert not torch.equal(before[moved], state[moved])
+
+
+def test_freezing_a_model_without_a_word_embedding_table_is_refused_in_one_sentence():
+    class NoTable(torch.nn.Module):
+        config = None
+
+        def get_input_embeddings(self):
+            return None
+
+    with pytest.raises(full_finetune.FinetuneError, match="FREEZE_WORD_EMBEDDINGS needs the model's word-embedding"):
+        full_finetune.input_embeddings(NoTable(), "FREEZE_WORD_EMBEDDINGS")
 
 
 def test_ema_validates_and_keeps_the_moving_average_of_every_step(monkeypatch, tiny_model_factory, tokenizer):
     train, names = splits()
-    # A plain run, recording the weights after every optimizer step.
-    plain = Trainer(config_for(EPOCHS=1), names, model=tiny_model_factory(), tokenizer=tokenizer, progress=False)
-    expected = [p.detach().clone() for p in plain.model.parameters()]
+    # A run without the average, recording what the average of its weights would be after every step.
+    plain = Trainer(config_for(EPOCHS=1, EMA_DECAY=None), names, model=tiny_model_factory(), tokenizer=tokenizer,
+                    progress=False)
+    expected = [p.detach().clone() for p in plain.model.parameters() if p.requires_grad]
     original_step = Trainer._optimizer_step
 
     def step_and_average(self):
         original_step(self)
-        weight = 1 - full_finetune.ema_decay(self.scheduler.last_epoch, 0.9)
-        for average, param in zip(expected, self.model.parameters(), strict=True):
+        weight = 1 - full_finetune.ema_decay(self._run.step, 0.9)
+        for average, param in zip(expected, [p for p in self.model.parameters() if p.requires_grad], strict=True):
             average.lerp_(param.detach(), weight)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_and_average)
     dataset = plain.dataset(train)
-    plain.fit(dataset, dataset)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_optimizer_step", step_and_average)
+        plain.fit(dataset, dataset)
 
-    averaged = Trainer(config_for(EPOCHS=1, EMA_DECAY=0.9), names, model=tiny_model_factory(),
-                       tokenizer=tokenizer, progress=False)
+    averaged = Trainer(config_for(EPOCHS=1, EMA_DECAY=0.9), names, model=tiny_model_factory(), tokenizer=tokenizer,
+                       progress=False)
     history = averaged.fit(dataset, dataset)
-    for average, param in zip(expected, averaged.model.parameters(), strict=True):
+    trained = [p for p in averaged.model.parameters() if p.requires_grad]
+    for average, param in zip(expected, trained, strict=True):
         torch.testing.assert_close(param.detach(), average)
-    pairs = zip(averaged.model.parameters(), plain.model.parameters(), strict=True)
-    assert not all(torch.equal(a, b) for a, b in pairs)
+    assert not all(torch.equal(a, b) for a, b in zip(trained, plain.model.parameters(), strict=False))
     # The recorded validation is that of the averaged weights.
     assert history[0]["val_accuracy"] == averaged.evaluate(dataset)["accuracy"]
 
@@ -222,73 +169,33 @@ def test_ema_decay_warms_up_and_is_capped():
     assert full_finetune.ema_decay(10**6, 0.999) == 0.999
 
 
-def test_rdrop_without_dropout_trains_exactly_like_the_plain_loss(tiny_model_factory, tokenizer):
+def test_the_adversarial_pass_moves_each_text_by_epsilon_along_its_loss_gradient(monkeypatch, tiny_model_factory,
+                                                                                 tokenizer):
     train, names = splits()
-    # No dropout: both passes agree, the KL term is 0 and the mean of two equal cross-entropies is one.
-    plain_state, plain = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
-    rdrop_state, rdrop = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1, RDROP_ALPHA=1.0)
-    assert rdrop.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], rel=1e-5)
-    for key in plain_state:
-        torch.testing.assert_close(rdrop_state[key], plain_state[key], rtol=1e-4, atol=1e-6)
-
-
-def test_rdrop_loss_adds_the_symmetric_kl_between_the_two_passes(tiny_model_factory, tokenizer):
-    _, names = splits()
-    trainer = Trainer(config_for(RDROP_ALPHA=0.5), names, model=tiny_model_factory(), tokenizer=tokenizer,
-                      progress=False)
-    trainer.class_weights = None  # fit sets them from the training labels
-    first, second = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
-    labels = torch.tensor([0])
-    loss, counted = trainer._loss(torch.cat([first, second]), labels)
-    p, q = first.softmax(-1), second.softmax(-1)
-    kl_pq, kl_qp = (p * (p / q).log()).sum(), (q * (q / p).log()).sum()
-    mean_ce = (torch.nn.functional.cross_entropy(first, labels) + torch.nn.functional.cross_entropy(second, labels)) / 2
-    torch.testing.assert_close(loss, mean_ce + 0.5 * (kl_pq + kl_qp) / 2)
-    assert torch.equal(counted, first)
-
-
-def test_token_dropout_hides_only_words_and_about_the_share_asked():
-    torch.manual_seed(0)
-    lengths = torch.randint(3, 30, (400,))
-    mask = (torch.arange(32) < lengths[:, None]).long()
-    rows = torch.arange(400)
-    cases = [(mask, torch.zeros_like(lengths), lengths - 1),  # right padding: each row's first and last real token
-             (mask.flip(1), 32 - lengths, torch.full_like(lengths, 31))]  # left padding
-    for padded, first, last in cases:
-        hidden = (padded == 1) & (full_finetune.hide_random_tokens(padded, 0.3) == 0)
-        assert not hidden[rows, first].any() and not hidden[rows, last].any()  # [CLS] and [SEP] stay
-        words = (lengths - 2).sum().item()
-        assert 0.25 < hidden.sum().item() / words < 0.35
-    assert torch.equal(full_finetune.hide_random_tokens(mask, 0.0), mask)
-
-
-def test_token_dropout_changes_training_but_not_prediction(tiny_model_factory, tokenizer):
-    train, names = splits()
-    plain_state, plain = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
-    dropped_state, dropped = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1, TOKEN_DROPOUT=0.5)
-    change = max((dropped_state[key].float() - plain_state[key].float()).abs().max().item() for key in plain_state)
-    assert change > 1e-3  # the words hidden in training changed the gradients
-    dropped.model.load_state_dict(plain_state)  # same weights: evaluation sees every word in both
-    dataset = plain.dataset(train)
-    torch.testing.assert_close(dropped.predict_logits(dataset), plain.predict_logits(dataset))
-
-
-def test_the_adversarial_pass_moves_each_text_by_epsilon_along_its_loss_gradient(tiny_model_factory, tokenizer):
-    train, names = splits()
-    trainer = Trainer(config_for(EPOCHS=1, ADVERSARIAL_EPSILON=0.5), names, model=tiny_model_factory(),
-                      tokenizer=tokenizer, progress=False)
-    start = tiny_model_factory()  # the same weights as the trainer's model before its first step
+    config = config_for(EPOCHS=1, ADVERSARIAL_EPSILON=0.5, LABEL_SMOOTHING=0.0)
+    trainer = Trainer(config, names, model=tiny_model_factory(), tokenizer=tokenizer, progress=False)
+    start = tiny_model_factory()
+    torch.manual_seed(config.SEED)  # as Trainer does before it builds the head
+    start = prepare_model(start, config, names)  # the trainer's weights before the first step
     embedded, inputs, targets = [], [], []
-    layer = full_finetune.embedding_layer(trainer.model)
-    layer.register_forward_hook(  # runs after the trainer's hook: sees the shifted output
-        lambda module, args, output: embedded.append(output.detach().clone()) if module.training else None)
-    trainer.model.register_forward_pre_hook(
+    model = trainer.model
+    model.register_forward_pre_hook(
         lambda module, args, kwargs: inputs.append(dict(kwargs)) if module.training else None, with_kwargs=True)
-    loss = trainer._loss
-    trainer._loss = lambda logits, labels, soft_labels=None: targets.append(labels) or loss(logits, labels, soft_labels)
+    original_loss = Trainer.loss
+    monkeypatch.setattr(Trainer, "loss", lambda self, logits, labels: targets.append(labels) or
+                        original_loss(self, logits, labels))
+    original_fgm = full_finetune.FGM
+
+    def fgm_then_record(layer, epsilon):  # a hook after the FGM's own: it sees the shifted output
+        fgm = original_fgm(layer, epsilon)
+        layer.register_forward_hook(lambda m, a, output: embedded.append(output.detach().clone()) if m.training
+                                    else None)
+        return fgm
+
+    monkeypatch.setattr(full_finetune, "FGM", fgm_then_record)
     dataset = trainer.dataset(train)
     trainer.fit(dataset, dataset)
-    assert len(inputs) == len(targets) == 2 * len(trainer.sampler)  # every batch ran twice
+    assert len(inputs) == len(targets) == 2 * 3  # 72 rows in batches of 32: every batch ran twice
     torch.testing.assert_close(inputs[1]["input_ids"], inputs[0]["input_ids"])
     shift = embedded[1] - embedded[0]
     # The gradient of the first batch's loss with respect to the embedding layer's output, by hand.
@@ -313,59 +220,103 @@ def test_adversarial_training_changes_training_but_not_prediction(tiny_model_fac
     robust.model.load_state_dict(plain_state)  # same weights: prediction leaves the embeddings alone
     dataset = plain.dataset(train)
     torch.testing.assert_close(robust.predict_logits(dataset), plain.predict_logits(dataset))
+    assert not robust.model.encoder.embeddings._forward_hooks  # the hook is gone once fit returns
 
 
 def test_adversarial_training_works_when_nothing_in_the_embedding_layer_trains(tiny_model_factory, tokenizer):
     train, names = splits()
     states = []
     for epsilon in (0.0, 0.5):
-        model = tiny_model_factory()
-        for param in full_finetune.embedding_layer(model).parameters():
-            param.requires_grad_(False)  # its output no longer needs a gradient: the hook makes it a leaf
-        trainer = Trainer(config_for(EPOCHS=1, ADVERSARIAL_EPSILON=epsilon), names, model=model,
+        trainer = Trainer(config_for(EPOCHS=1, ADVERSARIAL_EPSILON=epsilon), names, model=tiny_model_factory(),
                           tokenizer=tokenizer, progress=False)
+        for param in full_finetune.embedding_layer(trainer.model).parameters():
+            param.requires_grad_(False)  # its output no longer needs a gradient: the hook makes it a leaf
         trainer.fit(trainer.dataset(train), trainer.dataset(train))
         states.append(trainer.model.state_dict())
     assert max((states[1][key] - states[0][key]).abs().max().item() for key in states[0]) > 1e-3
 
 
-def train_mode_logits_twice(trainer, texts):
-    batch = {k: torch.tensor(v) for k, v in trainer.tokenizer(texts, padding=True).items()}
-    trainer.model.train()
-    return trainer.model(**batch).logits, trainer.model(**batch).logits
-
-
 def test_dropout_sets_every_dropout_layer_and_none_keeps_the_checkpoints(tiny_model_factory, tokenizer):
     _, names = splits()
     texts = ["where is my parcel", "how much is the red one"]
+
+    def twice_in_train_mode(trainer):
+        batch = {k: torch.tensor(v) for k, v in trainer.tokenizer(texts, padding=True).items()}
+        trainer.model.train()
+        return trainer.model(**batch).logits, trainer.model(**batch).logits
+
     own = Trainer(config_for(), names, model=tiny_model_factory(dropout=0.3), tokenizer=tokenizer, progress=False)
     assert {m.p for m in own.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
     off = Trainer(config_for(DROPOUT=0.0), names, model=tiny_model_factory(dropout=0.3), tokenizer=tokenizer,
                   progress=False)
-    first, second = train_mode_logits_twice(off, texts)
+    first, second = twice_in_train_mode(off)
     torch.testing.assert_close(first, second)  # no dropout left anywhere, attention included
-    off.model.eval()
-    torch.testing.assert_close(first, off.predict_logits(off.dataset(texts)), atol=1e-5, rtol=1e-5)
     on = Trainer(config_for(DROPOUT=0.5), names, model=tiny_model_factory(dropout=0.0), tokenizer=tokenizer,
                  progress=False)
-    first, second = train_mode_logits_twice(on, texts)
+    first, second = twice_in_train_mode(on)
     assert (first - second).abs().max() > 1e-3
 
 
-def test_soft_targets_equal_to_the_labels_train_exactly_like_the_labels(tiny_model_factory, tokenizer):
-    train, names = splits()
-    plain = Trainer(config_for(EPOCHS=1), names, model=tiny_model_factory(), tokenizer=tokenizer, progress=False)
-    plain.fit(plain.dataset(train), plain.dataset(train))
-    one_hot = torch.nn.functional.one_hot(torch.tensor(train.labels), len(names)).float().tolist()
-    distilled = Trainer(config_for(EPOCHS=1, SOFT_TARGET_WEIGHT=0.7), names, model=tiny_model_factory(),
-                        tokenizer=tokenizer, progress=False)
-    distilled.fit(distilled.dataset(train, one_hot), distilled.dataset(train))
-    assert distilled.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"], rel=1e-5)
-    for ours, theirs in zip(distilled.model.parameters(), plain.model.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
-    # Other targets pull the model elsewhere.
-    uniform = [[1 / len(names)] * len(names)] * len(train.labels)
-    smoothed = Trainer(config_for(EPOCHS=1, SOFT_TARGET_WEIGHT=0.7), names, model=tiny_model_factory(),
-                       tokenizer=tokenizer, progress=False)
-    smoothed.fit(smoothed.dataset(train, uniform), smoothed.dataset(train))
-    assert smoothed.history[0]["train_loss"] != pytest.approx(plain.history[0]["train_loss"], rel=1e-3)
+def tiny_deberta_v3(tokenizer):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    return DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, relative_attention=True, position_buckets=32,
+        position_biased_input=False, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+        pad_token_id=tokenizer.pad_token_id, num_labels=3))
+
+
+def tiny_modernbert(tokenizer):
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
+               sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+               eos_token_id=tokenizer.sep_token_id)
+    return ModernBertForSequenceClassification(ModernBertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=16,
+        num_labels=3, **ids))
+
+
+@pytest.mark.parametrize("build, preset", [(tiny_deberta_v3, "deberta_v3_base"), (tiny_modernbert, "modernbert_base")])
+@pytest.mark.parametrize("recipe", ["preset", "default recipe with adversarial training"])
+def test_the_newer_architectures_train_save_and_reload_offline(build, preset, recipe, tokenizer, tmp_path):
+    train, names = splits(rows_per_class=8)
+    config = full_finetune.ModelConfigs.get_config(preset) if recipe == "preset" else config_for(
+        ADVERSARIAL_EPSILON=0.5)
+    config.MAX_LENGTH, config.EPOCHS, config.LEARNING_RATE, config.OUTPUT_DIR = 32, 1, 1e-3, str(tmp_path / "ck")
+    config.MIXED_PRECISION = "no" if recipe == "preset" else "bf16"
+    trainer = Trainer(config, names, model=build(tokenizer), tokenizer=tokenizer, progress=False)
+    dataset = trainer.dataset(train)
+    trainer.fit(dataset, dataset)
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in trainer.history)
+    groups = {group["lr_scale"] for group in trainer_optimizer_groups(trainer)}
+    assert len(groups) == (1 if config.LAYERWISE_LR_DECAY == 1 else 4)  # head, 2 layers, embeddings
+    trainer.save_pretrained(tmp_path / "saved")
+    reloaded = Trainer.from_pretrained(tmp_path / "saved", config, progress=False)  # same precision
+    assert type(reloaded.model) is type(trainer.model)
+    torch.testing.assert_close(reloaded.predict_logits(dataset), trainer.predict_logits(dataset))
+
+
+def trainer_optimizer_groups(trainer):
+    return full_finetune.build_optimizer(trainer.model, trainer.config, torch.device("cpu")).param_groups
+
+
+def test_deberta_v3_trains_in_fp16_with_the_scaler(monkeypatch, tokenizer, tmp_path):
+    from test_training import fp16_on_the_cpu
+
+    fp16_on_the_cpu(monkeypatch)
+    train, names = splits(rows_per_class=8)
+    config = full_finetune.ModelConfigs.get_config("deberta_v3_base")
+    config.MAX_LENGTH, config.EPOCHS, config.LEARNING_RATE, config.OUTPUT_DIR = 32, 3, 1e-3, str(tmp_path)
+    trainer = Trainer(config, names, model=tiny_deberta_v3(tokenizer), tokenizer=tokenizer, progress=False)
+    steps = []
+    original = Trainer._optimizer_step
+    monkeypatch.setattr(Trainer, "_optimizer_step", lambda self: (original(self), steps.append(self._run.step)))
+    dataset = trainer.dataset(train)
+    trainer.fit(dataset, dataset)
+    assert trainer.precision == "fp16" and steps[-1] == len(steps) == 6  # no step skipped
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in trainer.history)

@@ -1,112 +1,350 @@
-import json
+"""What a run writes (and never loses): the outputs and their set being replaced as one, the model
+folder in the Hugging Face ecosystem, predict and evaluate, the error analysis, the plots and the
+report, and bad inputs and faults: a full disk, a kill during the save, stale temporaries."""
 
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import matplotlib.figure
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import full_finetune
 from config import FinetuneError
+from conftest import ROOT, make_rows, subprocess_env, tiny_run_args
 from full_finetune import Trainer
 
-OUTPUT_FILES = ("best_full_finetune_model.pth", "full_finetune_training_curves.png",
-                "full_finetune_confusion_matrix.png", "metrics.json", "history.csv", "data_report.json")
+RUN_FILES = ("best_full_finetune_model.pth", "full_finetune_training_curves.png", "full_finetune_confusion_matrix.png",
+             "metrics.json", "history.csv", "data_report.json", "errors.csv", "report.html", "submission.csv")
 
 
-@pytest.fixture
-def trained_run(tiny_config):
-    """One full run of the command line with the tiny model; returns its output folder."""
-    args = ["--model", tiny_config.MODEL_NAME, "--data", tiny_config.DATA_PATH,
-            "--output-dir", tiny_config.OUTPUT_DIR, "--epochs", "2", "--max-length", "32",
-            "--lr", "1e-3", "--batch-size", "16"]
-    assert full_finetune.main(args) == 0
-    return tiny_config
+def contents(folder):
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def test_a_run_writes_every_output(trained_run):
-    out = full_finetune.Path(trained_run.OUTPUT_DIR)
-    for name in OUTPUT_FILES:
-        assert (out / name).stat().st_size > 0, name
-    assert (out / "full_finetune_model" / "config.json").is_file()
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
-    state = torch.load(out / "best_full_finetune_model.pth", weights_only=True)
-    assert state["classifier.weight"].shape == (3, 32)
-    metrics = json.loads((out / "metrics.json").read_text())
+def test_a_run_writes_every_output_and_no_leftovers(trained_run):
+    for name in RUN_FILES:
+        assert (trained_run / name).stat().st_size > 0, name
+    assert (trained_run / "full_finetune_model" / "config.json").is_file()
+    assert (trained_run / "full_finetune_model" / "modeling_mean_pooling.py").is_file()
+    assert not [p.name for p in trained_run.iterdir() if p.name.startswith(".")]  # no temporary or staging
+    assert not (trained_run / "checkpoint.pt").exists()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["label_names"] == ["delivery", "price", "refund"]
     assert set(metrics["test"]) >= {"accuracy", "macro_f1", "weighted_f1", "report", "confusion_matrix"}
-    assert metrics["device"] == "cpu" and metrics["precision"] in ("bf16", "fp32")
-    history = pd.read_csv(out / "history.csv")
+    assert metrics["device"] == "cpu" and metrics["precision"] in ("bf16", "fp32") and metrics["precision_reason"]
+    history = pd.read_csv(trained_run / "history.csv")
     assert list(history["epoch"]) == [1, 2]
-    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1"} <= set(history)
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"} <= set(history)
+    submission = pd.read_csv(trained_run / "submission.csv")
+    assert list(submission.columns) == ["id", "label"] and list(submission["id"]) == [101, 205, 307]
 
 
-def test_label_names_survive_save_reload_and_pipeline(trained_run):
-    from transformers import pipeline
+def test_the_submission_is_what_the_saved_model_predicts(trained_run, test_csv):
+    reloaded = Trainer.from_pretrained(trained_run / "full_finetune_model", progress=False)
+    texts = pd.read_csv(test_csv)["text"].tolist()
+    assert reloaded.predict(texts)[0] == pd.read_csv(trained_run / "submission.csv")["label"].tolist()
 
-    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
-    reloaded = Trainer.from_pretrained(folder, progress=False)
-    assert reloaded.label_names == ["delivery", "price", "refund"]
-    assert reloaded.config.MAX_LENGTH == 32  # predicts with the length it was trained with
-    names, probabilities = reloaded.predict(["where is my parcel", "refund my money"])
-    assert set(names) <= {"delivery", "price", "refund"}
-    assert probabilities.shape == (2, 3) and probabilities.sum(1) == pytest.approx([1, 1], abs=1e-5)
-    classify = pipeline("text-classification", model=str(folder))
-    result = classify(["where is my parcel", "refund my money"])
-    assert [r["label"] for r in result] == names
+
+def test_errors_csv_holds_every_test_mistake_most_confident_first(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    errors = pd.read_csv(trained_run / "errors.csv")
+    matrix = np.array(metrics["test"]["confusion_matrix"])
+    assert len(errors) == matrix.sum() - np.trace(matrix)
+    assert list(errors.columns) == ["text", "true_label", "predicted_label", "confidence", "true_label_probability"]
+    assert (errors["true_label"] != errors["predicted_label"]).all()
+    assert list(errors["confidence"]) == sorted(errors["confidence"], reverse=True)
+    assert (errors["confidence"] >= errors["true_label_probability"]).all()
+    counts = errors.groupby(["true_label", "predicted_label"]).size()
+    named = metrics["most_confused"]
+    assert named and all(counts[(p["true"], p["predicted"])] == p["count"] for p in named)
+    assert [p["count"] for p in named] == sorted(counts, reverse=True)[:10]
+
+
+def test_most_confused_pairs_and_misclassified_rows_by_hand():
+    matrix = [[5, 3, 0], [1, 4, 0], [0, 7, 2]]
+    pairs = full_finetune.most_confused_pairs(matrix, ["a", "b", "c"], top=2)
+    assert pairs == [{"true": "c", "predicted": "b", "count": 7}, {"true": "a", "predicted": "b", "count": 3}]
+    rows = full_finetune.misclassified_rows(["x", "y", "z"], [0, 1, 2], [[0.2, 0.8, 0], [0.1, 0.9, 0],
+                                                                       [0.6, 0.1, 0.3]], ["a", "b", "c"])
+    assert rows["text"].tolist() == ["x", "z"] and rows["confidence"].tolist() == [0.8, 0.6]
+    assert rows["true_label_probability"].tolist() == [0.2, 0.3]
+
+
+def test_every_folder_loads_in_transformers_alone_and_predicts_what_predict_predicts(trained_run, tmp_path,
+                                                                                      tiny_model_dir, small_csv):
+    """Both heads (the default mean-pooling one, whose code travels in the folder, and the plain
+    [CLS] one of --preset hf_cls), in a process without this project (another folder, no PYTHONPATH):
+    AutoModel and pipeline() load them with the label names and agree with `predict` on
+    data/test.csv (in fp32 as pipeline runs, cutting texts at the saved MAX_LENGTH as predict does)."""
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, tmp_path / "cls", "--preset", "hf_cls",
+                                            "--model", str(tiny_model_dir), "--epochs", "1")) == 0
+    folders = {"MeanPoolingForSequenceClassification": trained_run / "full_finetune_model",
+               "BertForSequenceClassification": tmp_path / "cls" / "full_finetune_model"}
+    for name, folder in folders.items():
+        assert full_finetune.main(["predict", "--model-dir", str(folder), "--input", str(ROOT / "data" / "test.csv"),
+                                   "--output", str(tmp_path / f"{name}.csv"), "--precision", "no",
+                                   "--probabilities"]) == 0
+    script = f"""
+import json, sys
+import pandas as pd
+from transformers import AutoModelForSequenceClassification, pipeline
+assert "full_finetune" not in sys.modules and not any("modeling_mean_pooling" in p for p in sys.path)
+texts = pd.read_csv({str(ROOT / "data" / "test.csv")!r})["text"].tolist()
+for folder in {[str(f) for f in folders.values()]!r}:
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    classify = pipeline("text-classification", model=folder, trust_remote_code=True, top_k=None)
+    scores = [{{r["label"]: r["score"] for r in rows}} for rows in classify(texts, truncation=True)]
+    print(json.dumps({{"class": type(model).__name__, "labels": model.config.id2label, "scores": scores}}))
+"""
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = [json.loads(line) for line in run.stdout.strip().splitlines()[-2:]]
+    assert [result["class"] for result in results] == list(folders)
+    for result in results:
+        assert result["labels"] == {"0": "delivery", "1": "price", "2": "refund"}
+        ours = pd.read_csv(tmp_path / f"{result['class']}.csv")
+        theirs = [max(scores, key=scores.get) for scores in result["scores"]]
+        assert theirs == ours["label"].tolist() and len(theirs) == 209
+        for label in ("delivery", "price", "refund"):
+            np.testing.assert_allclose([s[label] for s in result["scores"]], ours[f"prob_{label}"], atol=1e-5)
 
 
 def test_best_weights_file_matches_the_saved_model(trained_run):
-    out = full_finetune.Path(trained_run.OUTPUT_DIR)
-    state = torch.load(out / "best_full_finetune_model.pth", weights_only=True)
-    model = Trainer.from_pretrained(out / "full_finetune_model", progress=False).model
+    state = torch.load(trained_run / "best_full_finetune_model.pth", weights_only=True)
+    model = Trainer.from_pretrained(trained_run / "full_finetune_model", progress=False).model
+    assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_predict_writes_id_label_with_original_names(trained_run, tmp_path):
-    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
-    pd.DataFrame({"id": [101, 205, 307], "text": ["price?", "", "send it back"]}).to_csv(
-        tmp_path / "test.csv", index=False)
+def test_predict_writes_id_label_with_original_names_and_warns_of_odd_rows(trained_run, tmp_path, capsys):
+    folder = trained_run / "full_finetune_model"
+    pd.DataFrame({"id": [101, 205, 101], "text": ["price?", "", "send it back"]}).to_csv(tmp_path / "test.csv",
+                                                                                       index=False)
     code = full_finetune.main(["predict", "--model-dir", str(folder), "--input", str(tmp_path / "test.csv"),
                                "--output", str(tmp_path / "sub.csv"), "--probabilities"])
     assert code == 0
+    out = capsys.readouterr().out
+    assert "warning: 1 rows of" in out and "empty text" in out and "repeat an id" in out
     submission = pd.read_csv(tmp_path / "sub.csv")
-    assert list(submission.columns[:2]) == ["id", "label"] and list(submission["id"]) == [101, 205, 307]
+    assert list(submission.columns[:2]) == ["id", "label"] and list(submission["id"]) == [101, 205, 101]
     assert set(submission["label"]) <= {"delivery", "price", "refund"}
     probs = submission[["prob_delivery", "prob_price", "prob_refund"]].sum(axis=1)
     assert probs.to_numpy() == pytest.approx([1, 1, 1], abs=1e-4)
 
 
 def test_predict_numbers_rows_when_there_is_no_id(trained_run, tmp_path):
-    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
+    folder = trained_run / "full_finetune_model"
     pd.DataFrame({"message": ["a", "b"]}).to_csv(tmp_path / "t.csv", index=False)
     assert full_finetune.main(["predict", "--model-dir", str(folder), "--input", str(tmp_path / "t.csv"),
                                "--output", str(tmp_path / "s.csv"), "--text-column", "message"]) == 0
     assert list(pd.read_csv(tmp_path / "s.csv")["id"]) == [0, 1]
 
 
-def test_predict_without_a_text_column_says_so(trained_run, tmp_path, capsys):
-    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
-    pd.DataFrame({"id": [1], "body": ["x"]}).to_csv(tmp_path / "t.csv", index=False)
-    code = full_finetune.main(["predict", "--model-dir", str(folder), "--input", str(tmp_path / "t.csv")])
-    assert code == 2 and "no column 'text'" in capsys.readouterr().err
-
-
-def test_predict_to_an_unwritable_path_says_so(trained_run, tmp_path, capsys):
-    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
-    pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "t.csv", index=False)
+@pytest.mark.parametrize("case, message", [
+    ("no text column", "no column 'text'"),
+    ("output is the input", "is the input file"),
+    ("unwritable output", "Cannot write"),
+    ("not a model folder", "is not a saved model folder"),
+])
+def test_predict_refuses_bad_input_in_one_sentence_and_keeps_the_files(trained_run, tmp_path, capsys, case, message):
+    folder = trained_run / "full_finetune_model"
+    test = tmp_path / "t.csv"
+    pd.DataFrame({"id": [1], ("body" if case == "no text column" else "text"): ["x"]}).to_csv(test, index=False)
     (tmp_path / "blocker").write_text("a file, not a folder")
-    code = full_finetune.main(["predict", "--model-dir", str(folder), "--input", str(tmp_path / "t.csv"),
-                               "--output", str(tmp_path / "blocker" / "sub.csv")])
+    output = {"output is the input": test, "unwritable output": tmp_path / "blocker" / "s.csv"}.get(case,
+                                                                                                 tmp_path / "s.csv")
+    model_dir = tmp_path if case == "not a model folder" else folder
+    before = test.read_bytes()
+    code = full_finetune.main(["predict", "--model-dir", str(model_dir), "--input", str(test), "--output", str(output)])
     err = capsys.readouterr().err
-    assert code == 2 and "Cannot write" in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+    assert test.read_bytes() == before
 
 
-def test_a_failed_run_leaves_the_earlier_outputs_untouched(trained_run, capsys):
-    out = full_finetune.Path(trained_run.OUTPUT_DIR)
-    before = {name: (out / name).read_bytes() for name in OUTPUT_FILES}
-    bad = out.parent / "bad.csv"
+def test_a_failed_run_leaves_the_earlier_outputs_untouched(own_run, tiny_model_dir, small_csv, capsys):
+    before = contents(own_run)
+    bad = own_run.parent / "bad.csv"
     bad.write_text("text,label\nonly,one\n")
-    assert full_finetune.main(["--data", str(bad), "--output-dir", str(out)]) == 2
-    assert {name: (out / name).read_bytes() for name in OUTPUT_FILES} == before
+    assert full_finetune.main(["--data", str(bad), "--output-dir", str(own_run)]) == 2
+    assert contents(own_run) == before
+
+
+@pytest.mark.parametrize("how", ["nan loss in epoch 2", "stopped in epoch 2"])
+def test_a_run_that_fails_after_training_started_keeps_every_earlier_output(monkeypatch, own_run, tiny_model_dir,
+                                                                            small_csv, how):
+    """Epoch 1 is the best so far (it would be saved) when epoch 2 fails or is stopped: nothing of
+    the earlier run may change, the best-weights file least of all."""
+    before = contents(own_run)
+    original_step = Trainer._optimizer_step
+
+    def fail_in_epoch_2(self):
+        original_step(self)
+        if self._run.epoch == 2:
+            if how.startswith("nan"):
+                self._run.sums = (torch.tensor(float("nan")), 0, 1)
+                self._check_finite(self._run.sums[0])
+            self.request_stop()
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", fail_in_epoch_2)
+    code = full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "3"))
+    assert code == (2 if how.startswith("nan") else 130)
+    after = contents(own_run)
+    assert {name: after[name] for name in before} == before
+    assert set(after) - set(before) == {"checkpoint.pt"}
+
+
+def test_outputs_are_replaced_as_one_set_even_when_killed_during_the_move(monkeypatch, own_run, tiny_model_dir,
+                                                                          small_csv):
+    """A kill between two renames of the move leaves a mixed folder; the next run (or loading the
+    model) finishes the move from the staging folder: every file is the new run's."""
+    old_metrics = json.loads((own_run / "metrics.json").read_text())
+    original_replace = os.replace
+    moved = []
+
+    def killed_after_three(source, target):
+        if "staging" in str(source) and "staging" not in str(target):  # a staged output moved into place
+            if len(moved) == 3:
+                raise KeyboardInterrupt  # as if killed here; the staging folder stays
+            moved.append(target)
+        return original_replace(source, target)
+
+    monkeypatch.setattr(full_finetune.os, "replace", killed_after_three)
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "1")) == 130
+    monkeypatch.setattr(full_finetune.os, "replace", original_replace)
+    staging = next(own_run.glob(".staging-*"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    staging.rename(own_run / f".staging-{dead.pid}")  # its writer is gone, as after a real kill
+    full_finetune.prepare_output_dir(own_run)  # what the next run does first
+    assert not list(own_run.glob(".staging-*"))
+    metrics = json.loads((own_run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and old_metrics["epochs_run"] == 2
+    history = pd.read_csv(own_run / "history.csv")
+    assert len(history) == 1
+    state = torch.load(own_run / "best_full_finetune_model.pth", weights_only=True)
+    model = Trainer.from_pretrained(own_run / "full_finetune_model", progress=False).model
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftovers = [tmp_path / f".full_finetune_model.tmp-{dead.pid}", tmp_path / f".staging-{dead.pid}"]
+    for folder in leftovers:
+        (folder / "new").mkdir(parents=True)
+        (folder / "new" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / f".checkpoint.pt.tmp-{dead.pid}").write_bytes(b"half")
+    live = tmp_path / f".metrics.json.tmp-{os.getppid()}"
+    live.write_text("{}")
+    full_finetune.prepare_output_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+class FullDiskFile:
+    """A file opened (and so truncated) for writing, whose writes fail as on a full disk."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def __iter__(self):
+        return iter(self.file)
+
+
+def fill_the_disk(monkeypatch, where):
+    """Every file opened for writing under `where` is created (truncated), then its writes fail as
+    on a full disk: a write straight into an earlier file destroys it, as a real full disk would."""
+    real_open = open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        if str(where) in str(file) and any(flag in mode for flag in "wax"):
+            return FullDiskFile(opened)
+        return opened
+
+    monkeypatch.setattr("builtins.open", full_open)
+
+
+def test_a_full_disk_while_saving_outputs_is_one_sentence_and_keeps_the_earlier_run(monkeypatch, own_run,
+                                                                                     tiny_model_dir, small_csv, capsys):
+    before = contents(own_run)
+    original = full_finetune.write_training_outputs
+
+    def disk_fills_up(folder, *args):
+        fill_the_disk(monkeypatch, folder)
+        original(folder, *args)
+
+    monkeypatch.setattr(full_finetune, "write_training_outputs", disk_fills_up)
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "earlier outputs and the last checkpoint are kept" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    after = contents(own_run)
+    assert {name: after[name] for name in before} == before and not list(own_run.glob(".staging-*"))
+    assert (own_run / "checkpoint.pt").is_file()  # a rerun with --resume finishes it
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, tiny_model_dir,
+                                                                        small_csv, capsys):
+    out = tmp_path / "out"
+    original_save = Trainer.save_checkpoint
+
+    def disk_full_after_epoch_1(self):
+        if self._run.epoch == 3:  # the checkpoint after epoch 2
+            fill_the_disk(monkeypatch, out)
+        original_save(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", disk_full_after_epoch_1)
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, out, "--epochs", "3")) == 2
+    err = capsys.readouterr().err
+    assert "Cannot write" in err and "checkpoint.pt (no space left on the device)" in err and "Traceback" not in err
+    assert full_finetune.load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert [p.name for p in out.iterdir()] == ["checkpoint.pt"]
+
+
+def small_tmpfs(tmp_path):
+    """A 5 MiB tmpfs, where this machine lets the tests mount one (root on Linux), else None."""
+    mount = tmp_path / "tiny_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True)
+    return mount if done.returncode == 0 else None
+
+
+def test_a_run_on_a_really_full_disk_ends_in_one_sentence(tmp_path, tiny_model_dir, small_csv):
+    mount = small_tmpfs(tmp_path)
+    if mount is None:
+        pytest.skip("cannot mount a small tmpfs here; test_a_full_disk_* simulate it instead")
+    try:
+        run = subprocess.run([sys.executable, str(ROOT / "full_finetune.py"),
+                              *tiny_run_args(tiny_model_dir, small_csv, mount / "out", "--epochs", "1")],
+                             capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert "no space left on the device" in run.stderr and "Traceback" not in run.stderr
+        assert run.stderr.strip().count("\n") == 0
+        assert not [p for p in (mount / "out").iterdir() if ".tmp-" in p.name or "staging" in p.name]
+    finally:
+        subprocess.run(["umount", str(mount)])
 
 
 def test_an_unwritable_output_dir_is_refused_before_training(tmp_path, tiny_config, capsys):
@@ -115,6 +353,30 @@ def test_an_unwritable_output_dir_is_refused_before_training(tmp_path, tiny_conf
     code = full_finetune.main(["--data", tiny_config.DATA_PATH, "--output-dir", str(blocker / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "Cannot write to the output directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "not a device torch knows"), ("cuda:3", "no CUDA GPU"), ("mps", "no Apple MPS support"),
+    ("meta", "not supported here")])
+def test_impossible_devices_are_one_sentence(device, message):
+    with pytest.raises(FinetuneError, match=message):
+        full_finetune.choose_device(device)
+
+
+def test_a_max_length_above_the_models_limit_is_refused_before_training(tiny_config, capsys):
+    code = full_finetune.main(["--model", tiny_config.MODEL_NAME, "--data", tiny_config.DATA_PATH,
+                               "--output-dir", tiny_config.OUTPUT_DIR, "--max-length", "200"])
+    err = capsys.readouterr().err
+    assert code == 2 and "MAX_LENGTH is 200 but" in err and "at most 128 tokens" in err  # the tiny model's 128
+    assert not os.path.exists(os.path.join(tiny_config.OUTPUT_DIR, "checkpoint.pt"))
+
+
+def test_a_bad_test_file_is_refused_before_training(tiny_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "test.csv").write_text("id,body\n1,hello\n")
+    code = full_finetune.main(["--model", tiny_config.MODEL_NAME, "--data", tiny_config.DATA_PATH,
+                               "--output-dir", tiny_config.OUTPUT_DIR, "--test", str(tmp_path / "test.csv")])
+    assert code == 2 and "no column 'text'" in capsys.readouterr().err
 
 
 def test_an_unreachable_hub_model_fails_with_one_sentence(monkeypatch):
@@ -130,13 +392,15 @@ def test_the_packaged_model_name_resolves_to_a_local_folder():
     assert (full_finetune.Path(source) / "config.json").is_file()
 
 
-def test_plots_are_written_and_the_confusion_matrix_grows_with_80_classes(tmp_path):
+def test_plots_return_figures_and_save_them_when_given_a_path(tmp_path):
     from PIL import Image
 
     history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_accuracy": 0.5 + e / 10,
                 "val_accuracy": 0.4 + e / 10, "val_macro_f1": 0.35 + e / 10} for e in (1, 2, 3)]
-    full_finetune.plot_training_curves(history, tmp_path / "curves.png", best_epoch=2)
-    assert Image.open(tmp_path / "curves.png").size[0] > 600
+    figure = full_finetune.plot_training_curves(history, tmp_path / "curves.png", best_epoch=2)
+    assert isinstance(figure, matplotlib.figure.Figure) and Image.open(tmp_path / "curves.png").size[0] > 600
+    assert isinstance(full_finetune.plot_training_curves(history), matplotlib.figure.Figure)  # no path: no file
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
     sizes = {}
     for n in (5, 80):
         names = [f"intent_number_{i}" for i in range(n)]
@@ -146,20 +410,37 @@ def test_plots_are_written_and_the_confusion_matrix_grows_with_80_classes(tmp_pa
     assert sizes[80][0] > 2 * sizes[5][0]  # room for 80 legible tick labels
 
 
-def test_evaluate_scores_a_labelled_file_and_refuses_unseen_labels(trained_run, tmp_path, capsys):
-    folder = full_finetune.Path(trained_run.OUTPUT_DIR) / "full_finetune_model"
-    labelled = pd.DataFrame({"text": ["where is my parcel", "refund please", "price?"],
-                             "label": ["delivery", "refund", "price"]})
+def test_the_focused_confusion_figure_names_the_classes_most_confused(tmp_path):
+    names = [f"intent_{i}" for i in range(150)]
+    matrix = np.eye(150, dtype=int) * 30
+    matrix[7, 12], matrix[12, 7], matrix[40, 41] = 9, 4, 6
+    figure = full_finetune.plot_confused_classes(matrix, names)
+    ax = figure.axes[0]
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert ticks == ["intent_7", "intent_12", "intent_40", "intent_41"]
+    assert sorted(int(t.get_text()) for t in ax.texts) == [0] * 9 + [4, 6, 9]  # off the diagonal, counts
+    images = full_finetune.confusion_images(matrix.tolist(), names)
+    assert list(images) == ["Most confused classes", "Confusion matrix"]
+    assert list(full_finetune.confusion_images(np.eye(5, dtype=int).tolist(), names[:5])) == ["Confusion matrix"]
+
+
+def test_evaluate_scores_a_labelled_file_writes_its_errors_and_refuses_unseen_labels(trained_run, tmp_path, capsys):
+    folder = trained_run / "full_finetune_model"
+    labelled = pd.DataFrame({"text": ["where is my parcel", "refund please", "price?", "money back now"],
+                             "label": ["delivery", "refund", "price", "delivery"]})
     labelled.to_csv(tmp_path / "eval.csv", index=False)
     code = full_finetune.main(["evaluate", "--model-dir", str(folder), "--input", str(tmp_path / "eval.csv"),
-                               "--output", str(tmp_path / "m.json")])
-    assert code == 0 and "3 rows of" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "m.json").read_text())["confusion_matrix"]) == 3
-    labelled.loc[3] = ["is it any good", "review"]
-    labelled.to_csv(tmp_path / "eval.csv", index=False)
+                               "--output", str(tmp_path / "m.json"), "--errors", str(tmp_path / "e.csv")])
+    out = capsys.readouterr().out
+    assert code == 0 and "4 rows of" in out and "Most confused (true -> predicted)" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    errors = pd.read_csv(tmp_path / "e.csv")
+    assert len(errors) == round((1 - metrics["accuracy"]) * 4) and "most_confused" in metrics
+    pd.DataFrame({"text": [f"t{i}" for i in range(175)], "label": [f"intent_{i}" for i in range(175)]}).to_csv(
+        tmp_path / "eval.csv", index=False)
     code = full_finetune.main(["evaluate", "--model-dir", str(folder), "--input", str(tmp_path / "eval.csv")])
     err = capsys.readouterr().err
-    assert code == 2 and "never saw ('review')" in err
+    assert code == 2 and "never saw ('intent_0'" in err and "and 165 more" in err and len(err) < 400
 
 
 def test_two_runs_with_the_same_seed_give_identical_metrics(tiny_config, tmp_path):
@@ -168,3 +449,44 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(tiny_config, tmp_pat
         tiny_config.OUTPUT_DIR = str(tmp_path / name)
         results.append(full_finetune.run_training(tiny_config))
     assert json.dumps(results[0], sort_keys=True) == json.dumps(results[1], sort_keys=True)
+
+
+def test_the_report_holds_the_metrics_pairs_errors_and_embedded_figures(trained_run):
+    page = (trained_run / "report.html").read_text()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for heading in ("Training curves", "Confusion matrix (test split)", "Most confused pairs (test split)",
+                    "Most confident mistakes", "Per class (test split)", "History"):
+        assert f"<h2>{heading}" in page, heading
+    assert f"{metrics['test']['accuracy']:.4f}" in page
+    assert page.count("data:image/png;base64,") == 2 and "src='http" not in page and 'src="http' not in page
+
+
+def test_the_report_renders_in_a_real_browser(trained_run, tmp_path):
+    """Headless Chromium (Debian's chromium package) draws the page: the screenshot is not blank and
+    the page's text holds the headings."""
+    from PIL import Image, ImageStat
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium installed (apt-get install chromium); .ci/run installs it")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (trained_run / "report.html").as_uri()
+    shot = subprocess.run([*flags, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1200,1600", url],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0, shot.stderr[-1000:]
+    image = Image.open(tmp_path / "shot.png").convert("L")
+    assert max(ImageStat.Stat(image).stddev) > 20  # text and figures, not a blank page
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert "Training report" in dom.stdout and "Most confused pairs (test split)" in dom.stdout
+    assert "<img" in dom.stdout
+
+
+def test_a_data_report_of_many_rows_lists_its_warnings(tmp_path, tiny_model_dir):
+    frame = make_rows(30)
+    frame.loc[len(frame)] = frame.iloc[0]  # an exact duplicate
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, tmp_path / "train.csv", tmp_path / "out",
+                                            "--epochs", "1")) == 0
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["exact_duplicate_rows"] == 1 and report["warnings"]
+    assert "repeat an earlier row exactly" in (tmp_path / "out" / "report.html").read_text()
