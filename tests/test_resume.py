@@ -230,7 +230,7 @@ def test_a_second_ctrl_c_quits_at_once(monkeypatch, tmp_path, tiny_model_factory
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, tiny_model_dir, stop_signal):
+def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, tiny_model_dir, stop_signal, capsys):
     data = tmp_path / "train.csv"
     make_rows(60).to_csv(data, index=False)
     args = tiny_run_args(tiny_model_dir, data, tmp_path / "out", "--epochs", "15", "--patience", "15",
@@ -247,10 +247,8 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path,
     assert f"{stop_signal.name}: finishing this step" in err and "--resume" in err and "Traceback" not in err
     assert (tmp_path / "out" / "checkpoint.pt").is_file()
     assert not (tmp_path / "out" / "metrics.json").exists()
-    resumed = subprocess.run([sys.executable, str(ROOT / "full_finetune.py"), *args, "--resume"],
-                             capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming at epoch" in resumed.stdout
+    assert full_finetune.main([*args, "--resume"]) == 0  # in this process: one start-up less
+    assert "Resuming at epoch" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs_run"] == 15
     assert not (tmp_path / "out" / "checkpoint.pt").exists()  # the finished outputs replace it
 
@@ -258,13 +256,21 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path,
 def test_sigterm_outside_the_training_loop_stops_like_ctrl_c(monkeypatch, own_run, tiny_model_dir, small_csv, capsys):
     before = {p.name: p.read_bytes() for p in own_run.iterdir() if p.is_file()}
 
+    def not_handled_by_main(signum, frame):
+        raise AssertionError("SIGTERM reached the handler main() should have replaced")
+
+    previous = signal.signal(signal.SIGTERM, not_handled_by_main)
+
     def terminated_while_writing(output_dir, write):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
 
     monkeypatch.setattr(full_finetune, "publish_outputs", terminated_while_writing)
-    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "1")) == 130
+    try:
+        assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "1")) == 130
+        assert signal.getsignal(signal.SIGTERM) is not_handled_by_main  # main restored the handler it found
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     err = capsys.readouterr().err
     assert "Interrupted" in err and "Traceback" not in err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
     assert {p.name: p.read_bytes() for p in own_run.iterdir() if p.is_file() and p.name in before} == before
