@@ -244,9 +244,9 @@ def gather_objects(item, world_size):
     return items
 
 
-def write_errors():
-    """The exceptions a write that fails for lack of space or permission raises: OSError, and
-    safetensors' own error (transformers saves weights with it)."""
+def file_errors():
+    """The exceptions of a file that cannot be written (no space, no permission) or read (missing,
+    truncated): OSError, and safetensors' own error (transformers saves and loads weights with it)."""
     from safetensors import SafetensorError
 
     return OSError, SafetensorError
@@ -305,7 +305,7 @@ def write_atomically(path, write, advice="the earlier file is kept."):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except write_errors() as err:
+    except file_errors() as err:
         raise write_failed(path, err, advice) from None
     finally:
         if tmp.exists():
@@ -398,7 +398,7 @@ def publish_outputs(output_dir, write):
         (staging / "new").mkdir(parents=True)
         write(staging / "new")
         (staging / "COMPLETE").write_text("every output is written\n")
-    except write_errors() as err:
+    except file_errors() as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise write_failed(output_dir, err, "the earlier outputs and the last checkpoint are kept; free some "
                                             "space and run again (with --resume if a checkpoint is there).") from None
@@ -780,7 +780,7 @@ def load_pretrained(name, load):
     try:
         with quiet_transformers():
             return load(source, cache_only)
-    except (OSError, ValueError) as err:
+    except (ValueError, *file_errors()) as err:
         if cache_only:
             raise FinetuneError(
                 f"Model {name!r} is not a local folder and the Hugging Face hub cannot be reached "
@@ -840,7 +840,7 @@ def load_saved_model(folder):
         with quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(folder)
             tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
+    except (ValueError, *file_errors()) as err:
         raise FinetuneError(f"Cannot load the model folder {folder}: {str(err).splitlines()[0]}") from None
     return model, require_fast(tokenizer, folder)
 
@@ -1821,8 +1821,7 @@ def run_training(config, resume=None):
     if test_texts is not None:
         submission = submission_frame(test_ids, trainer.label_names, trainer.predict(test_texts)[1])
     if trainer.rank == 0:
-        summary = {"test": test_metrics, "most_confused": test_metrics["most_confused"],
-                   "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
+        summary = {"test": test_metrics, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
                    "label_names": trainer.label_names, "model": trainer.model_source, "device": str(trainer.device),
                    "precision": trainer.precision, "precision_reason": trainer.precision_reason,
                    "train_seconds": round(train_seconds, 1), "config": config.to_dict()}
@@ -1850,11 +1849,14 @@ def write_training_outputs(folder, trainer, summary, data_report, errors, submis
     write_json(folder / DATA_REPORT_FILE, data_report)
     if submission is not None:
         write_csv(folder / SUBMISSION_FILE, submission)
-    curves = plot_training_curves(trainer.history, folder / CURVES_FILE, trainer.best_epoch)
-    images = {"Training curves": curves}
+    figures = {"Training curves": (CURVES_FILE, plot_training_curves(trainer.history, best_epoch=trainer.best_epoch))}
     for heading, figure in confusion_images(metrics["confusion_matrix"], trainer.label_names).items():
-        saved(figure, folder / (CONFUSION_FOCUS_FILE if heading == "Most confused classes" else CONFUSION_FILE))
-        images[f"{heading} (test split)"] = figure
+        name = CONFUSION_FOCUS_FILE if heading == "Most confused classes" else CONFUSION_FILE
+        figures[f"{heading} (test split)"] = (name, figure)
+    images = {}
+    for heading, (name, figure) in figures.items():  # each drawn once: into its file and the report
+        images[heading] = png_bytes(figure)
+        (folder / name).write_bytes(images[heading])
     page = report_html(
         f"Training report: {trainer.model_source}",
         {"test accuracy": f"{metrics['accuracy']:.4f}", "test macro F1": f"{metrics['macro_f1']:.4f}",
@@ -1863,8 +1865,8 @@ def write_training_outputs(folder, trainer, summary, data_report, errors, submis
          "precision": f"{summary['precision']} ({summary['precision_reason']})", "device": summary["device"],
          "training seconds": summary["train_seconds"], "data": trainer.config.DATA_PATH,
          "warnings from the data audit": "; ".join(data_report["warnings"]) or "none"},
-        {heading: png_bytes(figure) for heading, figure in images.items()},
-        {"Most confused pairs (test split)": pd.DataFrame(summary["most_confused"]),
+        images,
+        {"Most confused pairs (test split)": pd.DataFrame(metrics["most_confused"]),
          "Most confident mistakes (test split; all in errors.csv)": errors.head(20),
          "Per class (test split)": per_class_frame(metrics["report"], trainer.label_names),
          "History": pd.DataFrame(trainer.history)})
@@ -2003,7 +2005,7 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     try:
         trainer.save_pretrained(model_dir)
         write_csv(fold_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
-    except write_errors() as err:
+    except file_errors() as err:
         raise write_failed(fold_dir, err, "the finished folds are kept; free some space and run cv again.") from None
     write_atomically(result_path, lambda tmp: save_torch(result, tmp))  # last: marks the fold done
     trainer.checkpoint_path.unlink(missing_ok=True)

@@ -63,7 +63,7 @@ def test_errors_csv_holds_every_test_mistake_most_confident_first(trained_run):
     assert list(errors["confidence"]) == sorted(errors["confidence"], reverse=True)
     assert (errors["confidence"] >= errors["true_label_probability"]).all()
     counts = errors.groupby(["true_label", "predicted_label"]).size()
-    named = metrics["most_confused"]
+    named = metrics["test"]["most_confused"]
     assert named and all(counts[(p["true"], p["predicted"])] == p["count"] for p in named)
     assert [p["count"] for p in named] == sorted(counts, reverse=True)[:10]
 
@@ -105,6 +105,7 @@ for folder in {[str(f) for f in folders.values()]!r}:
     print(json.dumps({{"class": type(model).__name__, "labels": model.config.id2label, "scores": scores}}))
 """
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")  # where transformers copies the head's code
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -155,6 +156,7 @@ def test_predict_numbers_rows_when_there_is_no_id(trained_run, tmp_path):
     ("output is the input", "is the input file"),
     ("unwritable output", "Cannot write"),
     ("not a model folder", "is not a saved model folder"),
+    ("truncated weights", "Cannot load the model folder"),
 ])
 def test_predict_refuses_bad_input_in_one_sentence_and_keeps_the_files(trained_run, tmp_path, capsys, case, message):
     folder = trained_run / "full_finetune_model"
@@ -164,6 +166,10 @@ def test_predict_refuses_bad_input_in_one_sentence_and_keeps_the_files(trained_r
     output = {"output is the input": test, "unwritable output": tmp_path / "blocker" / "s.csv"}.get(case,
                                                                                                  tmp_path / "s.csv")
     model_dir = tmp_path if case == "not a model folder" else folder
+    if case == "truncated weights":
+        model_dir = shutil.copytree(folder, tmp_path / "model")
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
     before = test.read_bytes()
     code = full_finetune.main(["predict", "--model-dir", str(model_dir), "--input", str(test), "--output", str(output)])
     err = capsys.readouterr().err
