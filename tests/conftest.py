@@ -6,6 +6,7 @@ Unit tests use a 2-layer, 32-wide BERT built from a config (fast on CPU); only t
 loads the real packaged MiniLM. Subprocesses get thread counts that do not oversubscribe the cores.
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -18,6 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network; no half-minute hub timeouts
+# No bytecode in the checkout from here on (this file's own is removed when the session ends).
+sys.dont_write_bytecode = True
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
 
 from config import FullFinetuneConfig  # noqa: E402
 
@@ -28,7 +32,7 @@ CLASS_WORDS = {
     "refund": ["refund", "return", "broken", "exchange", "money", "back"],
 }
 FILLER = ["the", "my", "please", "can", "you", "tell", "me", "about", "this", "order", "today", "hi"]
-IGNORED_IN_CHECKOUT = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}
+IGNORED_IN_CHECKOUT = {".git", ".ruff_cache"}
 
 
 def make_rows(rows_per_class, seed=0):
@@ -50,7 +54,7 @@ def subprocess_env(threads=2):
 
 
 def checkout_files():
-    """Size and modification time of every file of the checkout, caches and .git left out."""
+    """Size and modification time of every file of the checkout (.git and ruff's cache left out)."""
     files = {}
     for folder, dirs, names in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in IGNORED_IN_CHECKOUT]
@@ -59,6 +63,14 @@ def checkout_files():
             stat = os.stat(path)
             files[os.path.relpath(path, ROOT)] = (stat.st_size, stat.st_mtime_ns)
     return files
+
+
+def pytest_sessionfinish(session):
+    """Remove the bytecode pytest wrote for this file before it turned bytecode off."""
+    for pyc in Path(__file__).parent.glob("__pycache__/conftest.*.pyc"):
+        pyc.unlink()
+    with contextlib.suppress(OSError):  # only when empty
+        (Path(__file__).parent / "__pycache__").rmdir()
 
 
 @pytest.fixture(autouse=True)

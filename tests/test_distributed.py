@@ -57,6 +57,22 @@ def test_with_adversarial_training_each_window_all_reduces_once_on_its_last_back
     assert windows == [[False, False, False, True]] * 4 + [[False, True]]  # clean, adversarial per batch
 
 
+def test_processes_agree_on_a_stop_every_10_steps_and_at_the_end_of_an_epoch(monkeypatch, tiny_model_factory,
+                                                                           tokenizer):
+    """Each agreement is an all-reduce and a sync with the host: not one per step."""
+    import torch.distributed as dist
+
+    _, names = splits(rows_per_class=2)
+    trainer = new_trainer(tiny_model_factory, tokenizer, names)
+    trainer.world_size, trainer._run = 2, type("Run", (), {"step": 0})()
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: reduced.append(trainer._run.step))
+    for step in range(1, 26):
+        trainer._run.step = step
+        assert trainer._stop_agreed(end_of_epoch=step == 25) is False
+    assert reduced == [10, 20, 25]
+
+
 def test_two_gloo_processes_train_exactly_like_one_with_the_same_effective_batch(tmp_path, tiny_model_dir):
     """2 processes x batch 8 and 1 process x 8 x 2 accumulated take the same batches in the same
     windows; every row must weigh the same in both, also in the last window, whose two batches (8
@@ -97,6 +113,13 @@ def test_an_interrupted_two_process_run_with_adversarial_training_resumes(tmp_pa
     assert err.count("Stopped in epoch") == 1 and "--resume" in err
     checkpoint = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
+    # Each process draws its dropout masks from its own seed (the tiny model has dropout 0.1).
+    seeds = []
+    for rank in checkpoint["ranks"]:
+        generator = torch.Generator()
+        generator.set_state(rank["rng"]["torch"])
+        seeds.append(generator.initial_seed())
+    assert seeds[0] != seeds[1]
 
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env,
                              timeout=600)

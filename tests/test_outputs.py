@@ -487,7 +487,7 @@ def test_the_report_renders_in_a_real_browser(trained_run, tmp_path):
     assert "<img" in dom.stdout
 
 
-def test_a_data_report_of_many_rows_lists_its_warnings(tmp_path, tiny_model_dir):
+def test_the_data_audits_warnings_reach_data_report_json_and_the_report(tmp_path, tiny_model_dir):
     frame = make_rows(30)
     frame.loc[len(frame)] = frame.iloc[0]  # an exact duplicate
     frame.to_csv(tmp_path / "train.csv", index=False)
