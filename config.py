@@ -193,6 +193,11 @@ class FullFinetuneConfig:
     def copy(self):
         return copy.copy(self)
 
+    def training_settings(self):
+        """The settings that change what is trained (those a resume must keep), by name."""
+        values = self.to_dict()
+        return {setting.name: values[setting.name] for setting in SETTINGS if not setting.may_change_on_resume}
+
     def validate(self):
         """Refuse a value of the wrong type or out of range, with one sentence naming the setting."""
         unknown = sorted({name for name in [*vars(type(self)), *vars(self)]
@@ -246,7 +251,7 @@ class ModelConfigs:
         # (fp16 on T4/V100/P100). Should fp16 overflow anyway, the run stops after 30 skipped steps
         # and says to use bf16 or "no".
         "deberta_v3_base": dict(HF_RECIPE, MODEL_NAME="microsoft/deberta-v3-base", LEARNING_RATE=2e-5,
-                                BATCH_SIZE=16, MAX_LENGTH=256, EPOCHS=4, WARMUP_RATIO=0.1),
+                                BATCH_SIZE=16, MAX_LENGTH=256, EPOCHS=4),
         # ModernBERT (2024): 8,192 positions, trained with a higher rate than BERT; 512 tokens
         # cover most competition texts.
         "modernbert_base": dict(HF_RECIPE, MODEL_NAME="answerdotai/ModernBERT-base", LEARNING_RATE=5e-5,

@@ -1509,12 +1509,18 @@ class Trainer:
 RESUME_ADVICE = "resume with the interrupted run's values, or start a new run without --resume"
 
 
-def load_checkpoint(path):
-    """A checkpoint written by Trainer.save_checkpoint, read without unpickling arbitrary code."""
+def require_checkpoint(path):
+    """`path`, where a checkpoint file is there; else one sentence saying where they are written."""
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"There is no checkpoint at {path}; it is written to OUTPUT_DIR during "
                             "training, so pass the --output-dir of the run to resume.")
+    return path
+
+
+def load_checkpoint(path):
+    """A checkpoint written by Trainer.save_checkpoint, read without unpickling arbitrary code."""
+    path = require_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say so in one line
@@ -1531,9 +1537,9 @@ def check_resumable(checkpoint, config, label_names, world_size, precision):
     if checkpoint["world_size"] != world_size:
         raise FinetuneError(f"Cannot resume: the run had {checkpoint['world_size']} processes and this one "
                             f"has {world_size}; launch it as it was launched.")
-    saved, now = checkpoint["config"], config.to_dict()
-    changed = [f"{s.name} is {now[s.name]!r} now but was {saved.get(s.name)!r}" for s in SETTINGS
-               if not s.may_change_on_resume and saved.get(s.name) != now[s.name]]
+    saved = checkpoint["config"]
+    changed = [f"{name} is {value!r} now but was {saved.get(name)!r}"
+               for name, value in config.training_settings().items() if saved.get(name) != value]
     if changed:
         raise FinetuneError(f"Cannot resume: {'; '.join(changed)} in the checkpoint; {RESUME_ADVICE}.")
     if checkpoint["label_names"] != label_names:
@@ -1784,11 +1790,7 @@ def resume_path(resume, output_dir):
     anything slow."""
     if resume is None:
         return None
-    path = output_dir / CHECKPOINT_FILE if resume == "latest" else Path(resume)
-    if not path.is_file():
-        raise FinetuneError(f"There is no checkpoint at {path}; it is written to OUTPUT_DIR during "
-                            "training, so pass the --output-dir of the run to resume.")
-    return path
+    return require_checkpoint(output_dir / CHECKPOINT_FILE if resume == "latest" else resume)
 
 
 def run_training(config, resume=None):
@@ -1959,9 +1961,8 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     from sklearn.model_selection import train_test_split
 
     fold_dir = cv_dir / f"fold_{fold + 1}"
-    fingerprint = {**{s.name: value for s in SETTINGS if not s.may_change_on_resume
-                      for value in [config.to_dict()[s.name]]},
-                   "N_FOLDS": config.N_FOLDS, "label_names": label_names, "rows": len(texts)}
+    fingerprint = {**config.training_settings(), "N_FOLDS": config.N_FOLDS, "label_names": label_names,
+                   "rows": len(texts)}
     result_path = fold_dir / FOLD_RESULT_FILE
     if result_path.is_file():
         result = torch.load(result_path, weights_only=True)
