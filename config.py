@@ -148,6 +148,11 @@ SETTINGS = (
     Setting("SAVE_EVERY_STEPS", 500, optional(whole(1)), "--save-every",
             "a resumable checkpoint every N optimizer steps (and every epoch); None: epochs only",
             may_change_on_resume=True),
+    Setting("LOG_EVERY_STEPS", 10, whole(1), "--log-every",
+            "a row of steps.csv (loss, learning rate, gradient norm, tokens/s) every N optimizer steps",
+            may_change_on_resume=True),
+    Setting("REPORT_TO", "none", choice("none", "tensorboard"), "--report-to",
+            "also log the steps and epochs for TensorBoard, in OUTPUT_DIR/tensorboard", may_change_on_resume=True),
     # Data
     Setting("DATA_PATH", "data/train.csv", PATH, "--data", "training CSV"),
     Setting("TEST_PATH", None, optional(PATH), "--test",

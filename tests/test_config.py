@@ -79,24 +79,39 @@ def test_unknown_preset_lists_the_valid_ones():
         assert name in str(err.value)
 
 
-# Values of the wrong type or out of range for some settings; each setting must refuse every one
-# its kind does not accept, naming itself, the value and what it expects.
-CANDIDATE_BAD_VALUES = [None, "no", "2e-4", 0, -1, 1.5, 2**33, float("nan"), float("inf"), True, 0.0, 1.0]
+# Written by hand for every setting (not picked with the check under test): values of the wrong
+# type or out of range, each of which must be refused naming the setting, the value and what it
+# expects.
+WRONG_VALUES = {
+    "MODEL_NAME": [None, 3, "  "], "NUM_LABELS": [1, 2.0, "3"], "MAX_LENGTH": [0, 64.0, None],
+    "POOLING": ["max", None], "COSINE_HEAD_SCALE": [0, -1.0, "20"], "DROPOUT": [1.0, -0.1, "0.1"],
+    "FREEZE_WORD_EMBEDDINGS": [1, "yes", None], "EPOCHS": [0, 1.5, True], "BATCH_SIZE": [0, -8, None],
+    "EVAL_BATCH_SIZE": [0, "128"], "GRADIENT_ACCUMULATION_STEPS": [0, 2.5],
+    "LEARNING_RATE": [0, -1e-4, math.nan, "2e-4"],
+    "WEIGHT_DECAY": [-0.01, None, math.inf], "WARMUP_RATIO": [1.0, -0.1, None], "SCHEDULER": ["step", None],
+    "LAYERWISE_LR_DECAY": [0, 1.5, None], "MAX_GRAD_NORM": [0, -1.0, "1"], "LABEL_SMOOTHING": [1.0, -0.1],
+    "CLASS_WEIGHTS": ["auto", None, True], "EMA_DECAY": [1.0, 0, "0.999"], "ADVERSARIAL_EPSILON": [-1.0, None],
+    "MIXED_PRECISION": ["fp8", None, True], "GROUP_BY_LENGTH": [0, "no"], "FUSED_ADAMW": [None, 1],
+    "EARLY_STOPPING_PATIENCE": [0, 1.5], "EARLY_STOPPING_METRIC": ["f1", None], "SAVE_EVERY_STEPS": [0, 2.5],
+    "LOG_EVERY_STEPS": [0, None], "REPORT_TO": ["wandb", None], "DATA_PATH": [None, 3, ""],
+    "TEST_PATH": [3, ""], "TEXT_COLUMN": [None, "", 1], "LABEL_COLUMN": [None, " "], "TRAIN_RATIO": [0, 1, 1.2],
+    "VAL_RATIO": [0.0, 1.0, None], "SEED": [-1, 2**32, 4.2], "N_FOLDS": [1, 5.0], "OUTPUT_DIR": [None, 7, ""],
+    "DEVICE": [0, None, ""],
+}
 
 
-def wrong_values(setting):
-    return [value for value in CANDIDATE_BAD_VALUES if not setting.kind.accepts(value)]
+def test_every_setting_has_its_wrong_values_written_down():
+    assert set(WRONG_VALUES) == set(SETTING_BY_NAME)
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=[s.name for s in SETTINGS])
-def test_every_setting_refuses_values_of_the_wrong_type_or_range(setting):
-    assert wrong_values(setting), f"no candidate is wrong for {setting.name}"
-    for value in wrong_values(setting):
+@pytest.mark.parametrize("name", sorted(WRONG_VALUES))
+def test_every_setting_refuses_values_of_the_wrong_type_or_range(name):
+    for value in WRONG_VALUES[name]:
         config = FullFinetuneConfig()
-        setattr(config, setting.name, value)
+        setattr(config, name, value)
         with pytest.raises(FinetuneError) as err:
             config.validate()
-        assert str(err.value) == f"{setting.name} must be {setting.kind.expects}, not {value!r}."
+        assert str(err.value) == f"{name} must be {SETTING_BY_NAME[name].kind.expects}, not {value!r}.", value
 
 
 @pytest.mark.parametrize("name, value", [

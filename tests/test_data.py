@@ -106,18 +106,21 @@ def test_each_seed_and_epoch_has_its_own_batch_order():
     assert batches(42, 1) == batches(42, 1) and batches(42, 1) != batches(42, 2)
 
 
-@pytest.mark.parametrize("world_size, accumulation, skip", [(1, 2, 0), (2, 2, 0), (2, 1, 3), (3, 2, 2)])
-def test_samples_per_window_sum_every_ranks_rows_of_each_optimizer_step(world_size, accumulation, skip):
-    lengths = [5] * 61  # batches of 8: 7 full and one of 5
-    samplers = [ShuffledBatches(lengths, 8, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+@pytest.mark.parametrize("world_size, accumulation, skip, expected", [
+    # 61 rows in batches of 8, not grouped by length: seven batches of 8, then one of 5
+    (1, 1, 0, [8, 8, 8, 8, 8, 8, 8, 5]),
+    (1, 3, 0, [24, 24, 13]),  # windows of 3, 3 and 2 batches
+    (2, 1, 0, [16, 16, 16, 13]),  # each round: one batch per process
+    (2, 2, 0, [32, 29]),
+    (2, 2, 1, [32, 13]),  # after a resume that skips the first round: rounds 2 and 3, then round 4
+    (3, 1, 0, [24, 24, 21]),  # 8 batches for 3 processes: round 3 takes the first batch again (8 + 5 + 8)
+])
+def test_samples_per_window_sum_every_ranks_rows_of_each_optimizer_step(world_size, accumulation, skip, expected):
+    samplers = [ShuffledBatches([5] * 61, 8, seed=1, group_by_length=False, rank=r, world_size=world_size)
+                for r in range(world_size)]
     for sampler in samplers:
         sampler.set_epoch(1, skip=skip)
-    per_rank = [list(sampler) for sampler in samplers]
-    expected = []
-    for start in range(0, len(per_rank[0]), accumulation):
-        expected.append(sum(len(b) for rank in per_rank for b in rank[start:start + accumulation]))
-    assert samplers[0].samples_per_window(accumulation) == expected
-    assert all(s.samples_per_window(accumulation) == expected for s in samplers)
+    assert all(sampler.samples_per_window(accumulation) == expected for sampler in samplers)
 
 
 def test_grouped_batches_pad_far_less_than_random_ones():

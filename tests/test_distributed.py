@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_training import new_trainer, splits
 
 import full_finetune
 from conftest import ROOT, make_rows, subprocess_env, tiny_run_args
-from full_finetune import ShuffledBatches, Trainer
+from full_finetune import ShuffledBatches
+from runtime import StopAgreement
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -41,36 +41,100 @@ def test_uneven_batches_are_padded_so_every_rank_takes_the_same_steps():
     assert {i for b in batches[0] + batches[1] for i in b} == set(range(50))
 
 
-def test_with_adversarial_training_each_window_all_reduces_once_on_its_last_backward(monkeypatch, tiny_model_factory,
-                                                                                    tokenizer, tmp_path):
-    train, names = splits()  # 72 rows, batches of 8, 2 per window: 5 windows, the last of one batch
-    trainer = new_trainer(tiny_model_factory, tokenizer, names, EPOCHS=1, BATCH_SIZE=8, GRADIENT_ACCUMULATION_STEPS=2,
-                          ADVERSARIAL_EPSILON=0.5, OUTPUT_DIR=str(tmp_path))
-    syncs, windows = [], []
-    original_backward, original_step = Trainer._forward_backward, Trainer._optimizer_step
-    monkeypatch.setattr(Trainer, "_forward_backward", lambda self, batch, labels, samples, sync=True: (
-        syncs.append(sync), original_backward(self, batch, labels, samples, sync))[1])
-    monkeypatch.setattr(Trainer, "_optimizer_step", lambda self: (windows.append(list(syncs)), syncs.clear(),
-                                                                  original_step(self)))
-    dataset = trainer.dataset(train)
-    trainer.fit(dataset, dataset)
-    assert windows == [[False, False, False, True]] * 4 + [[False, True]]  # clean, adversarial per batch
+class FakeCollectives:
+    """torch.distributed.all_reduce for several StopAgreement objects in one process: the n-th
+    all-reduce of every rank shares one slot, and its result (the maximum) is written into each
+    rank's tensor when that rank waits for it, by which time every rank has sent its value."""
+
+    def __init__(self, monkeypatch):
+        import torch.distributed as dist
+
+        self.slots, self.calls, self.waited_own_step = {}, {}, False
+        monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
+
+    def begin(self, rank):
+        """Rank `rank` starts a step: all-reduces it starts from now on are this step's own."""
+        self.current_rank, self.step_starts_at = rank, self.calls.get(rank, -1) + 1
+
+    def all_reduce(self, tensor, op=None, async_op=False):
+        rank = self.current_rank
+        index = self.calls[rank] = self.calls.get(rank, -1) + 1
+        self.slots.setdefault(index, []).append(tensor)
+        fake = self
+
+        class Work:
+            def wait(self):
+                fake.waited_own_step |= index >= fake.step_starts_at
+                tensor.fill_(max(t.item() for t in fake.slots[index]))
+
+        if not async_op:
+            Work().wait()
+        return Work() if async_op else None
 
 
-def test_processes_agree_on_a_stop_every_10_steps_and_at_the_end_of_an_epoch(monkeypatch, tiny_model_factory,
-                                                                           tokenizer):
-    """Each agreement is an all-reduce and a sync with the host: not one per step."""
-    import torch.distributed as dist
+def test_a_stop_request_is_agreed_by_every_process_one_step_later_without_waiting_on_its_own_step(monkeypatch):
+    collectives = FakeCollectives(monkeypatch)
+    ranks = [StopAgreement(torch.device("cpu"), world_size=2) for _ in range(2)]
+    agreed = {0: [], 1: []}
+    for step in range(1, 8):
+        if step == 3:
+            ranks[1].requested = True  # Ctrl-C reached rank 1 during step 3
+        for rank, agreement in enumerate(ranks):
+            collectives.begin(rank)
+            agreed[rank].append(agreement.after_step())
+    assert agreed[0] == agreed[1] == [False, False, False, True, True, True, True]
+    assert not collectives.waited_own_step  # a step never waits for the all-reduce it started
+    assert all(len(slot) == 2 for slot in collectives.slots.values())  # one all-reduce per step and rank
 
-    _, names = splits(rows_per_class=2)
-    trainer = new_trainer(tiny_model_factory, tokenizer, names)
-    trainer.world_size, trainer._run = 2, type("Run", (), {"step": 0})()
-    reduced = []
-    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: reduced.append(trainer._run.step))
-    for step in range(1, 26):
-        trainer._run.step = step
-        assert trainer._stop_agreed(end_of_epoch=step == 25) is False
-    assert reduced == [10, 20, 25]
+
+def test_at_the_end_of_an_epoch_the_processes_agree_at_once(monkeypatch):
+    collectives = FakeCollectives(monkeypatch)
+    collectives.begin(0)
+    agreement = StopAgreement(torch.device("cpu"), world_size=2)
+    assert agreement.after_step() is False
+    agreement.requested = True
+    assert agreement.end_of_epoch() is True  # no step later: the next epoch must not start
+    single = StopAgreement(torch.device("cpu"), world_size=1)
+    single.requested = True
+    assert single.after_step() is True and collectives.calls == {0: 1}  # one process: no collective
+
+
+# Run under torchrun: full_finetune.main with DDP built here (one bucket) and a communication hook
+# counting the gradient all-reduces; after every optimizer step rank 0 writes the count of its window.
+COUNTING_ALL_REDUCES = """
+import os, sys
+import torch
+import full_finetune
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+counts = [0]
+
+def counting_ddp(model, device, world_size):
+    ddp = DistributedDataParallel(model, bucket_cap_mb=1024)
+
+    def hook(state, bucket):
+        counts[-1] += 1
+        return allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return ddp
+
+class Counting(full_finetune.Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        log = open(sys.argv[1], "a") if os.environ["RANK"] == "0" else None
+        def write(run):
+            if log:
+                log.write(f"{counts[-1]}\\n")
+                log.flush()
+            counts.append(0)
+        self.step_hooks.append(write)
+
+full_finetune.for_processes = counting_ddp
+full_finetune.Trainer = Counting
+sys.exit(full_finetune.main(sys.argv[2:]))
+"""
 
 
 def test_two_gloo_processes_train_exactly_like_one_with_the_same_effective_batch(tmp_path, tiny_model_dir):
@@ -96,13 +160,18 @@ def test_two_gloo_processes_train_exactly_like_one_with_the_same_effective_batch
     assert metrics[0]["test"]["loss"] == pytest.approx(metrics[1]["test"]["loss"], rel=1e-4)
 
 
-def test_an_interrupted_two_process_run_with_adversarial_training_resumes(tmp_path, tiny_model_dir):
+def test_an_interrupted_two_process_run_with_adversarial_training_resumes_and_reduces_once_per_step(tmp_path,
+                                                                                                  tiny_model_dir):
+    """Ctrl-C under torchrun: both processes stop after the same step with one checkpoint; with
+    adversarial training and accumulation (4 backward passes per window) the gradients are still
+    all-reduced once per optimizer step, on the window's last backward pass."""
     make_rows(60).to_csv(tmp_path / "train.csv", index=False)
-    command = [*TORCHRUN, str(ROOT / "full_finetune.py"),
-               *tiny_run_args(tiny_model_dir, "train.csv", "out", "--epochs", "12", "--patience", "12",
-                              "--batch-size", "8", "--adversarial", "0.5")]
+    (tmp_path / "counting.py").write_text(COUNTING_ALL_REDUCES)
+    args = tiny_run_args(tiny_model_dir, "train.csv", "out", "--epochs", "12", "--patience", "12", "--batch-size", "4",
+                         "--grad-accum", "2", "--adversarial", "0.5")
     env = subprocess_env(threads=1)
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    run = subprocess.Popen([*TORCHRUN, "counting.py", str(tmp_path / "counts.txt"), *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     for line in run.stdout:
         if line.startswith("Training "):
             break
@@ -111,6 +180,8 @@ def test_an_interrupted_two_process_run_with_adversarial_training_resumes(tmp_pa
     _, err = run.communicate(timeout=120)
     assert run.returncode != 0
     assert err.count("Stopped in epoch") == 1 and "--resume" in err
+    counts = (tmp_path / "counts.txt").read_text().split()
+    assert len(counts) > 5 and set(counts) == {"1"}, counts  # one all-reduce per window of 4 backward passes
     checkpoint = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
     # Each process draws its dropout masks from its own seed (the tiny model has dropout 0.1).
@@ -121,8 +192,8 @@ def test_an_interrupted_two_process_run_with_adversarial_training_resumes(tmp_pa
         seeds.append(generator.initial_seed())
     assert seeds[0] != seeds[1]
 
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env,
-                             timeout=600)
+    resumed = subprocess.run([*TORCHRUN, str(ROOT / "full_finetune.py"), *args, "--resume"], capture_output=True,
+                             text=True, cwd=tmp_path, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming at epoch" in resumed.stdout
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs_run"] == 12

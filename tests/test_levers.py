@@ -5,10 +5,9 @@ ModernBERT) as tiny random models."""
 
 import pytest
 import torch
-from test_training import config_for, splits, trained_state
 
 import full_finetune
-from conftest import tiny_bert
+from conftest import NAMES, config_for, fit, labelled, tiny_bert
 from full_finetune import Trainer, balanced_class_weights, prepare_model
 from modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
 
@@ -85,12 +84,10 @@ def test_the_unused_pooler_is_gone_so_every_parameter_gets_a_gradient(tokenizer)
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_label_smoothing_and_balanced_class_weights_are_the_loss(tiny_model_factory, tokenizer):
-    _, names = splits()
+def test_label_smoothing_and_balanced_class_weights_are_the_loss(new_trainer):
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
     labels = torch.tensor([0, 0, 0, 2])  # imbalanced: class 1 absent, class 2 rare
-    trainer = Trainer(config_for(LABEL_SMOOTHING=0.2), names, model=tiny_model_factory(), tokenizer=tokenizer,
-                      progress=False)
+    trainer = new_trainer(LABEL_SMOOTHING=0.2)
     trainer.class_weights = balanced_class_weights(labels.tolist(), 3)
     torch.testing.assert_close(trainer.class_weights, torch.tensor([4 / 9, 4 / 3, 4 / 3]))
     log_p = logits.log_softmax(-1)
@@ -102,20 +99,20 @@ def test_label_smoothing_and_balanced_class_weights_are_the_loss(tiny_model_fact
     torch.testing.assert_close(trainer.loss(logits, labels), plain)
 
 
-def test_balanced_class_weights_change_what_is_learned_from_imbalanced_data(tiny_model_factory, tokenizer):
-    train, names = splits()
+def test_balanced_class_weights_change_what_is_learned_from_imbalanced_data(new_trainer):
+    train = labelled()
     keep = [i for i, label in enumerate(train.labels) if label != 2 or i % 6 == 0]  # class 2 made rare
     train = full_finetune.Split([train.texts[i] for i in keep], [train.labels[i] for i in keep])
-    plain, _ = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
-    weighted, trainer = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1, CLASS_WEIGHTS="balanced")
+    plain = fit(new_trainer(EPOCHS=1), train).model.state_dict()
+    trainer = fit(new_trainer(EPOCHS=1, CLASS_WEIGHTS="balanced"), train)
+    weighted = trainer.model.state_dict()
     assert trainer.class_weights[2] > 2 * trainer.class_weights[0]
     assert max((weighted[k] - plain[k]).abs().max().item() for k in plain) > 1e-4
 
 
-def test_frozen_word_embeddings_keep_their_values_while_the_rest_trains(tiny_model_factory, tokenizer):
-    train, names = splits()
-    state, trainer = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
-    before = prepare_model(tiny_model_factory(), config_for(), names).state_dict()
+def test_frozen_word_embeddings_keep_their_values_while_the_rest_trains(new_trainer, tiny_model_factory):
+    state = fit(new_trainer(EPOCHS=1), labelled()).model.state_dict()
+    before = prepare_model(tiny_model_factory(), config_for(), NAMES).state_dict()
     table = "encoder.embeddings.word_embeddings.weight"
     assert torch.equal(before[table], state[table])
     for moved in ("encoder.embeddings.position_embeddings.weight", "classifier.weight"):
@@ -133,31 +130,25 @@ def test_freezing_a_model_without_a_word_embedding_table_is_refused_in_one_sente
         full_finetune.input_embeddings(NoTable(), "FREEZE_WORD_EMBEDDINGS")
 
 
-def test_ema_validates_and_keeps_the_moving_average_of_every_step(monkeypatch, tiny_model_factory, tokenizer):
-    train, names = splits()
+def test_ema_validates_and_keeps_the_moving_average_of_every_step(new_trainer):
     # A run without the average, recording what the average of its weights would be after every step.
-    plain = Trainer(config_for(EPOCHS=1, EMA_DECAY=None), names, model=tiny_model_factory(), tokenizer=tokenizer,
-                    progress=False)
+    plain = new_trainer(EPOCHS=1, EMA_DECAY=None)
     expected = [p.detach().clone() for p in plain.model.parameters() if p.requires_grad]
-    original_step = Trainer._optimizer_step
 
-    def step_and_average(self):
-        original_step(self)
-        weight = 1 - full_finetune.ema_decay(self._run.step, 0.9)
-        for average, param in zip(expected, [p for p in self.model.parameters() if p.requires_grad], strict=True):
-            average.lerp_(param.detach(), weight)
+    def average(run):
+        weight = 1 - full_finetune.ema_decay(run.step, 0.9)
+        for mean, param in zip(expected, [p for p in plain.model.parameters() if p.requires_grad], strict=True):
+            mean.lerp_(param.detach(), weight)
 
-    dataset = plain.dataset(train)
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_optimizer_step", step_and_average)
-        plain.fit(dataset, dataset)
+    plain.step_hooks.append(average)
+    dataset = plain.dataset(labelled())
+    plain.fit(dataset, dataset)
 
-    averaged = Trainer(config_for(EPOCHS=1, EMA_DECAY=0.9), names, model=tiny_model_factory(), tokenizer=tokenizer,
-                       progress=False)
+    averaged = new_trainer(EPOCHS=1, EMA_DECAY=0.9)
     history = averaged.fit(dataset, dataset)
     trained = [p for p in averaged.model.parameters() if p.requires_grad]
-    for average, param in zip(expected, trained, strict=True):
-        torch.testing.assert_close(param.detach(), average)
+    for mean, param in zip(expected, trained, strict=True):
+        torch.testing.assert_close(param.detach(), mean)
     assert not all(torch.equal(a, b) for a, b in zip(trained, plain.model.parameters(), strict=False))
     # The recorded validation is that of the averaged weights.
     assert history[0]["val_accuracy"] == averaged.evaluate(dataset)["accuracy"]
@@ -171,7 +162,7 @@ def test_ema_decay_warms_up_and_is_capped():
 
 def test_the_adversarial_pass_moves_each_text_by_epsilon_along_its_loss_gradient(monkeypatch, tiny_model_factory,
                                                                                  tokenizer):
-    train, names = splits()
+    train, names = labelled(), NAMES
     config = config_for(EPOCHS=1, ADVERSARIAL_EPSILON=0.5, LABEL_SMOOTHING=0.0)
     trainer = Trainer(config, names, model=tiny_model_factory(), tokenizer=tokenizer, progress=False)
     start = tiny_model_factory()
@@ -210,11 +201,11 @@ def test_the_adversarial_pass_moves_each_text_by_epsilon_along_its_loss_gradient
     torch.testing.assert_close(shift.flatten(1).norm(dim=1), torch.full((len(shift),), 0.5))
 
 
-def test_adversarial_training_changes_training_but_not_prediction(tiny_model_factory, tokenizer):
-    train, names = splits()
-    plain_state, plain = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1)
-    robust_state, robust = trained_state(tiny_model_factory, tokenizer, train, names, EPOCHS=1,
-                                         ADVERSARIAL_EPSILON=0.5)
+def test_adversarial_training_changes_training_but_not_prediction(new_trainer):
+    train = labelled()
+    plain = fit(new_trainer(EPOCHS=1), train)
+    robust = fit(new_trainer(EPOCHS=1, ADVERSARIAL_EPSILON=0.5), train)
+    plain_state, robust_state = plain.model.state_dict(), robust.model.state_dict()
     change = max((robust_state[key].float() - plain_state[key].float()).abs().max().item() for key in plain_state)
     assert change > 1e-3  # the adversarial pass added its gradient
     robust.model.load_state_dict(plain_state)  # same weights: prediction leaves the embeddings alone
@@ -224,7 +215,7 @@ def test_adversarial_training_changes_training_but_not_prediction(tiny_model_fac
 
 
 def test_adversarial_training_works_when_nothing_in_the_embedding_layer_trains(tiny_model_factory, tokenizer):
-    train, names = splits()
+    train, names = labelled(), NAMES
     states = []
     for epsilon in (0.0, 0.5):
         trainer = Trainer(config_for(EPOCHS=1, ADVERSARIAL_EPSILON=epsilon), names, model=tiny_model_factory(),
@@ -237,7 +228,7 @@ def test_adversarial_training_works_when_nothing_in_the_embedding_layer_trains(t
 
 
 def test_dropout_sets_every_dropout_layer_and_none_keeps_the_checkpoints(tiny_model_factory, tokenizer):
-    _, names = splits()
+    names = NAMES
     texts = ["where is my parcel", "how much is the red one"]
 
     def twice_in_train_mode(trainer):
@@ -284,7 +275,7 @@ def tiny_modernbert(tokenizer):
 @pytest.mark.parametrize("build, preset", [(tiny_deberta_v3, "deberta_v3_base"), (tiny_modernbert, "modernbert_base")])
 @pytest.mark.parametrize("recipe", ["preset", "default recipe with adversarial training"])
 def test_the_newer_architectures_train_save_and_reload_offline(build, preset, recipe, tokenizer, tmp_path):
-    train, names = splits(rows_per_class=8)
+    train, names = labelled(rows_per_class=8), NAMES
     config = full_finetune.ModelConfigs.get_config(preset) if recipe == "preset" else config_for(
         ADVERSARIAL_EPSILON=0.5)
     config.MAX_LENGTH, config.EPOCHS, config.LEARNING_RATE, config.OUTPUT_DIR = 32, 1, 1e-3, str(tmp_path / "ck")
@@ -309,14 +300,11 @@ def test_deberta_v3_trains_in_fp16_with_the_scaler(monkeypatch, tokenizer, tmp_p
     from test_training import fp16_on_the_cpu
 
     fp16_on_the_cpu(monkeypatch)
-    train, names = splits(rows_per_class=8)
     config = full_finetune.ModelConfigs.get_config("deberta_v3_base")
-    config.MAX_LENGTH, config.EPOCHS, config.LEARNING_RATE, config.OUTPUT_DIR = 32, 3, 1e-3, str(tmp_path)
-    trainer = Trainer(config, names, model=tiny_deberta_v3(tokenizer), tokenizer=tokenizer, progress=False)
+    config.MAX_LENGTH, config.EPOCHS, config.LEARNING_RATE, config.OUTPUT_DIR = 32, 3, 1e-3, str(tmp_path / "out")
+    trainer = Trainer(config, NAMES, model=tiny_deberta_v3(tokenizer), tokenizer=tokenizer, progress=False)
     steps = []
-    original = Trainer._optimizer_step
-    monkeypatch.setattr(Trainer, "_optimizer_step", lambda self: (original(self), steps.append(self._run.step)))
-    dataset = trainer.dataset(train)
-    trainer.fit(dataset, dataset)
+    trainer.step_hooks.append(lambda run: steps.append(run.step))
+    fit(trainer, labelled(rows_per_class=8))
     assert trainer.precision == "fp16" and steps[-1] == len(steps) == 6  # no step skipped
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in trainer.history)

@@ -19,9 +19,11 @@ import full_finetune
 from config import FinetuneError
 from conftest import ROOT, make_rows, subprocess_env, tiny_run_args
 from full_finetune import Trainer
+from runtime import LOCK_FILE, OWNER_FILE, OutputFolder
 
 RUN_FILES = ("best_full_finetune_model.pth", "full_finetune_training_curves.png", "full_finetune_confusion_matrix.png",
-             "metrics.json", "history.csv", "data_report.json", "errors.csv", "report.html", "submission.csv")
+             "metrics.json", "history.csv", "steps.csv", "data_report.json", "errors.csv", "report.html",
+             "submission.csv")
 
 
 def contents(folder):
@@ -34,7 +36,10 @@ def test_a_run_writes_every_output_and_no_leftovers(trained_run):
         assert (trained_run / name).stat().st_size > 0, name
     assert (trained_run / "full_finetune_model" / "config.json").is_file()
     assert (trained_run / "full_finetune_model" / "modeling_mean_pooling.py").is_file()
-    assert not [p.name for p in trained_run.iterdir() if p.name.startswith(".")]  # no temporary or staging
+    hidden = {p.name for p in trained_run.iterdir() if p.name.startswith(".")}
+    assert hidden == {OWNER_FILE, LOCK_FILE}  # no temporary or staging folder left
+    assert sorted(json.loads((trained_run / OWNER_FILE).read_text())["published"]) == sorted(
+        [*RUN_FILES, "full_finetune_model"])
     assert not (trained_run / "checkpoint.pt").exists()
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["label_names"] == ["delivery", "price", "refund"]
@@ -185,23 +190,34 @@ def test_a_failed_run_leaves_the_earlier_outputs_untouched(own_run, tiny_model_d
     assert contents(own_run) == before
 
 
+class FailsInEpoch2(Trainer):
+    """The command line's Trainer, whose loss becomes NaN (or which is asked to stop) in epoch 2."""
+
+    how = "nan loss in epoch 2"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 1
+        self.step_hooks.append(self.watch)
+
+    def watch(self, run):
+        self.epoch = run.epoch
+        if run.epoch == 2 and self.how.startswith("stopped"):
+            self.request_stop()
+
+    def loss(self, logits, labels):
+        loss = super().loss(logits, labels)
+        return loss * float("nan") if self.epoch == 2 and self.how.startswith("nan") else loss
+
+
 @pytest.mark.parametrize("how", ["nan loss in epoch 2", "stopped in epoch 2"])
 def test_a_run_that_fails_after_training_started_keeps_every_earlier_output(monkeypatch, own_run, tiny_model_dir,
                                                                             small_csv, how):
     """Epoch 1 is the best so far (it would be saved) when epoch 2 fails or is stopped: nothing of
     the earlier run may change, the best-weights file least of all."""
     before = contents(own_run)
-    original_step = Trainer._optimizer_step
-
-    def fail_in_epoch_2(self):
-        original_step(self)
-        if self._run.epoch == 2:
-            if how.startswith("nan"):
-                self._run.sums = (torch.tensor(float("nan")), 0, 1)
-                self._check_finite(self._run.sums[0])
-            self.request_stop()
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", fail_in_epoch_2)
+    monkeypatch.setattr(FailsInEpoch2, "how", how)
+    monkeypatch.setattr(full_finetune, "Trainer", FailsInEpoch2)
     code = full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "3"))
     assert code == (2 if how.startswith("nan") else 130)
     after = contents(own_run)
@@ -211,8 +227,9 @@ def test_a_run_that_fails_after_training_started_keeps_every_earlier_output(monk
 
 def test_outputs_are_replaced_as_one_set_even_when_killed_during_the_move(monkeypatch, own_run, tiny_model_dir,
                                                                           small_csv):
-    """A kill between two renames of the move leaves a mixed folder; the next run (or loading the
-    model) finishes the move from the staging folder: every file is the new run's."""
+    """A kill between two renames of the move leaves a mixed folder; the next run to open the
+    folder finishes the move from the staging folder: every file is the new run's, and the old
+    run's files that the new one does not write (its submission) are gone."""
     old_metrics = json.loads((own_run / "metrics.json").read_text())
     original_replace = os.replace
     moved = []
@@ -224,36 +241,50 @@ def test_outputs_are_replaced_as_one_set_even_when_killed_during_the_move(monkey
             moved.append(target)
         return original_replace(source, target)
 
-    monkeypatch.setattr(full_finetune.os, "replace", killed_after_three)
+    monkeypatch.setattr(os, "replace", killed_after_three)
     assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "1")) == 130
-    monkeypatch.setattr(full_finetune.os, "replace", original_replace)
-    staging = next(own_run.glob(".staging-*"))
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    staging.rename(own_run / f".staging-{dead.pid}")  # its writer is gone, as after a real kill
-    full_finetune.prepare_output_dir(own_run)  # what the next run does first
+    monkeypatch.setattr(os, "replace", original_replace)
+    assert list(own_run.glob(".staging-*")) and (own_run / "submission.csv").exists()  # a mixed folder
+    with OutputFolder.held(own_run, full_finetune.is_output_name):  # what the next run does first
+        pass
     assert not list(own_run.glob(".staging-*"))
     metrics = json.loads((own_run / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1 and old_metrics["epochs_run"] == 2
     history = pd.read_csv(own_run / "history.csv")
     assert len(history) == 1
+    assert not (own_run / "submission.csv").exists()  # the new run was given no --test
     state = torch.load(own_run / "best_full_finetune_model.pth", weights_only=True)
     model = Trainer.from_pretrained(own_run / "full_finetune_model", progress=False).model
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    leftovers = [tmp_path / f".full_finetune_model.tmp-{dead.pid}", tmp_path / f".staging-{dead.pid}"]
-    for folder in leftovers:
-        (folder / "new").mkdir(parents=True)
-        (folder / "new" / "model.safetensors").write_bytes(b"x" * 1000)
-    (tmp_path / f".checkpoint.pt.tmp-{dead.pid}").write_bytes(b"half")
-    live = tmp_path / f".metrics.json.tmp-{os.getppid()}"
-    live.write_text("{}")
-    full_finetune.prepare_output_dir(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+def test_a_new_run_replaces_the_whole_set_of_the_last(own_run, tiny_model_dir, small_csv):
+    assert (own_run / "submission.csv").exists()
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "1")) == 0
+    assert not (own_run / "submission.csv").exists()  # no --test this time: no submission of the last run's
+    published = set(json.loads((own_run / OWNER_FILE).read_text())["published"])
+    assert published == {p.name for p in own_run.iterdir() if not p.name.startswith(".")}
+
+
+def test_leftovers_are_cleared_only_where_they_are_provably_this_programs(tmp_path):
+    """In an output folder of its own (its owner file, its lock held), the temporaries and the
+    staging folders it marked are a dead run's and are removed; a staging-like folder without its
+    mark, and anything outside the folder, are not touched."""
+    folder = tmp_path / "out"
+    with OutputFolder.held(folder, full_finetune.is_output_name):
+        pass
+    ours = folder / ".staging-123"
+    (ours / "new").mkdir(parents=True)
+    (ours / "STAGED_BY_FULL_FINETUNE").write_text("made by full_finetune.py\n")
+    foreign = folder / ".staging-456"
+    (foreign / "new").mkdir(parents=True)
+    (folder / ".checkpoint.pt.tmp-99999").write_bytes(b"half")
+    beside = tmp_path / ".metrics.json.tmp-99999"
+    beside.write_text("{}")
+    with OutputFolder.held(folder, full_finetune.is_output_name):
+        pass
+    assert sorted(p.name for p in folder.iterdir()) == sorted([OWNER_FILE, LOCK_FILE, foreign.name])
+    assert beside.exists()
 
 
 class FullDiskFile:
@@ -316,17 +347,17 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(monkeypa
     out = tmp_path / "out"
     original_save = Trainer.save_checkpoint
 
-    def disk_full_after_epoch_1(self):
-        if self._run.epoch == 3:  # the checkpoint after epoch 2
+    def disk_full_after_epoch_1(self, run):
+        if run.epoch == 3:  # the checkpoint after epoch 2
             fill_the_disk(monkeypatch, out)
-        original_save(self)
+        original_save(self, run)
 
     monkeypatch.setattr(Trainer, "save_checkpoint", disk_full_after_epoch_1)
     assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, out, "--epochs", "3")) == 2
     err = capsys.readouterr().err
     assert "Cannot write" in err and "checkpoint.pt (no space left on the device)" in err and "Traceback" not in err
     assert full_finetune.load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
-    assert [p.name for p in out.iterdir()] == ["checkpoint.pt"]
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["checkpoint.pt"]
 
 
 def small_tmpfs(tmp_path):
@@ -385,8 +416,8 @@ def test_a_bad_test_file_is_refused_before_training(tiny_config, tmp_path, capsy
     assert code == 2 and "no column 'text'" in capsys.readouterr().err
 
 
-def test_an_unreachable_hub_model_fails_with_one_sentence(monkeypatch):
-    monkeypatch.setattr(full_finetune, "hub_reachable", lambda timeout=3.0: False)
+def test_an_unreachable_hub_model_fails_with_one_sentence():
+    assert not full_finetune.hub_reachable()  # conftest sets HF_HUB_OFFLINE, as a machine without network is
     with pytest.raises(FinetuneError) as err:
         full_finetune.load_model_and_tokenizer("no-such-org/no-such-model", ["a", "b"])
     message = str(err.value)
@@ -460,11 +491,11 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(tiny_config, tmp_pat
 def test_the_report_holds_the_metrics_pairs_errors_and_embedded_figures(trained_run):
     page = (trained_run / "report.html").read_text()
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    for heading in ("Training curves", "Confusion matrix (test split)", "Most confused pairs (test split)",
-                    "Most confident mistakes", "Per class (test split)", "History"):
+    for heading in ("Training curves", "Training steps", "Confusion matrix (test split)",
+                    "Most confused pairs (test split)", "Most confident mistakes", "Per class (test split)", "History"):
         assert f"<h2>{heading}" in page, heading
     assert f"{metrics['test']['accuracy']:.4f}" in page
-    assert page.count("data:image/png;base64,") == 2 and "src='http" not in page and 'src="http' not in page
+    assert page.count("data:image/png;base64,") == 3 and "src='http" not in page and 'src="http' not in page
 
 
 def test_the_report_renders_in_a_real_browser(trained_run, tmp_path):

@@ -9,27 +9,24 @@ import time
 
 import pytest
 import torch
-from test_training import config_for
 
 import full_finetune
-from config import SETTINGS, FinetuneError
-from conftest import ROOT, make_rows, subprocess_env, tiny_run_args
-from full_finetune import Split, Trainer, TrainingInterrupted, encode_labels, load_checkpoint
+from config import SETTING_BY_NAME, FinetuneError
+from conftest import ROOT, config_for, labelled, make_rows, subprocess_env, tiny_run_args
+from full_finetune import Trainer, TrainingInterrupted, load_checkpoint
 
-TIMING = ("seconds", "samples_per_second")
-
-
-def resume_config(tmp_path, **overrides):
-    defaults = {"OUTPUT_DIR": str(tmp_path), "BATCH_SIZE": 8, "EPOCHS": 3, "SAVE_EVERY_STEPS": None}
-    return config_for(**{**defaults, **overrides})
+TIMING = ("seconds", "samples_per_second", "tokens_per_second")
 
 
-def new_trainer(config, tiny_model_factory, tokenizer):
-    frame = make_rows(24)
-    names, ids = encode_labels(frame["label"])
-    trainer = Trainer(config, names, model=tiny_model_factory(dropout=0.1), tokenizer=tokenizer, progress=False)
-    train = trainer.dataset(Split(frame["text"].tolist(), ids))
-    val = trainer.dataset(Split(frame["text"].tolist()[:30], ids[:30]))
+def resumable(new_trainer, output_dir, **overrides):
+    """A trainer of the tiny model with dropout (so that the random streams matter), its training
+    rows and its validation rows; 9 batches of 8 per epoch."""
+    settings = {"OUTPUT_DIR": str(output_dir), "BATCH_SIZE": 8, "EPOCHS": 3, "SAVE_EVERY_STEPS": None,
+                "LOG_EVERY_STEPS": 2, **overrides}
+    trainer = new_trainer(model_kwargs={"dropout": 0.1}, **settings)
+    rows = labelled()
+    train = trainer.dataset(rows)
+    val = trainer.dataset(full_finetune.Split(rows.texts[:30], rows.labels[:30]))
     return trainer, train, val
 
 
@@ -37,16 +34,17 @@ def without_timing(history):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
-def interrupt_after(monkeypatch, step):
-    """What a SIGINT does: ask to stop; the step finishes first."""
-    original_step = Trainer._optimizer_step
+def stop_at_step(trainer, step):
+    """What a SIGINT does, at a chosen step: ask to stop; the step finishes first."""
+    trainer.step_hooks.append(lambda run: run.step == step and run.stepped and trainer.request_stop())
 
-    def step_then_stop(self):
-        original_step(self)
-        if self._run.step == step:
-            self.request_stop()
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_stop)
+class StoppedAtStep4(Trainer):
+    """The Trainer of the command line, asked to stop after optimizer step 4 (as by Ctrl-C)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        stop_at_step(self, 4)
 
 
 # 9 windows per epoch (5 optimizer steps with accumulation 2): stops mid-epoch 1 and mid-epoch 2,
@@ -54,85 +52,92 @@ def interrupt_after(monkeypatch, step):
 @pytest.mark.parametrize("stop_after_step, overrides", [
     (7, {}), (12, {"EMA_DECAY": 0.9}), (7, {"GRADIENT_ACCUMULATION_STEPS": 2}),
     (4, {"ADVERSARIAL_EPSILON": 0.5, "GRADIENT_ACCUMULATION_STEPS": 2})])
-def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
-        monkeypatch, tmp_path, tiny_model_factory, tokenizer, stop_after_step, overrides):
-    straight, train, val = new_trainer(resume_config(tmp_path / "a", **overrides), tiny_model_factory, tokenizer)
+def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, new_trainer, stop_after_step,
+                                                                       overrides):
+    straight, train, val = resumable(new_trainer, tmp_path / "a", **overrides)
     straight.fit(train, val)
 
-    config = resume_config(tmp_path / "b", **overrides)
-    interrupted, train, val = new_trainer(config, tiny_model_factory, tokenizer)
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, stop_after_step)
-        with pytest.raises(TrainingInterrupted, match="--resume"):
-            interrupted.fit(train, val)
+    interrupted, train, val = resumable(new_trainer, tmp_path / "b", **overrides)
+    stop_at_step(interrupted, stop_after_step)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        interrupted.fit(train, val)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == stop_after_step
 
-    resumed, train, val = new_trainer(config, tiny_model_factory, tokenizer)
+    resumed, train, val = resumable(new_trainer, tmp_path / "b", **overrides)
     history = resumed.fit(train, val, resume=tmp_path / "b" / "checkpoint.pt")
     assert without_timing(history) == without_timing(straight.history)
+    assert without_timing(resumed.step_log) == without_timing(straight.step_log)
     assert resumed.best_epoch == straight.best_epoch
     final, expected = resumed.model.state_dict(), straight.model.state_dict()
     for key in expected:
         torch.testing.assert_close(final[key], expected[key], rtol=1e-6, atol=1e-7)
 
 
-def test_a_checkpoint_is_written_every_save_every_steps_and_loads_weights_only(tmp_path, tiny_model_factory,
-                                                                               tokenizer, monkeypatch):
-    trainer, train, val = new_trainer(resume_config(tmp_path, EPOCHS=1, SAVE_EVERY_STEPS=4),
-                                      tiny_model_factory, tokenizer)
+def test_a_checkpoint_is_written_every_save_every_steps_and_loads_weights_only(tmp_path, new_trainer):
+    trainer, train, val = resumable(new_trainer, tmp_path / "out", EPOCHS=1, SAVE_EVERY_STEPS=4)
     saved_at = []
-    original = Trainer.save_checkpoint
-    monkeypatch.setattr(Trainer, "save_checkpoint",
-                        lambda self: (saved_at.append((self._run.epoch, self._run.step)), original(self)))
+    save = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda run: (saved_at.append((run.epoch, run.step)), save(run))
     trainer.fit(train, val)
     assert saved_at == [(1, 4), (1, 8), (2, 9)]  # steps 4 and 8, then the end of epoch 1
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert {"model", "optimizer", "scaler", "ema", "ranks", "step", "epoch", "batches_done", "best_score",
-            "epochs_without_gain", "history", "label_names", "config", "best_model", "precision"} <= set(checkpoint)
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scaler", "ema", "ranks", "step", "epoch", "batches_done", "early_stopping",
+            "history", "step_log", "label_names", "config", "precision"} <= set(checkpoint)
+    assert {"best_score", "best_epoch", "best_state", "epochs_without_gain"} == set(checkpoint["early_stopping"])
     assert {"rng", "sums"} <= set(checkpoint["ranks"][0]) and checkpoint["world_size"] == 1
 
 
 @pytest.fixture(scope="module")
 def finished_checkpoint(tmp_path_factory, tokenizer):
-    from conftest import tiny_bert
+    from conftest import NAMES, tiny_bert
 
-    folder = tmp_path_factory.mktemp("finished")
-    trainer, train, val = new_trainer(resume_config(folder, EPOCHS=1), lambda **k: tiny_bert(tokenizer, **k),
-                                      tokenizer)
-    trainer.fit(train, val)
+    folder = tmp_path_factory.mktemp("finished") / "out"
+    trainer = Trainer(config_for(OUTPUT_DIR=str(folder), EPOCHS=1, BATCH_SIZE=8), NAMES, model=tiny_bert(tokenizer),
+                      tokenizer=tokenizer, progress=False)
+    dataset = trainer.dataset(labelled())
+    trainer.fit(dataset, dataset)
     return load_checkpoint(folder / "checkpoint.pt"), trainer.label_names, trainer.config
 
 
-def changed_value(setting, current):
-    """A valid value other than `current`, for every setting."""
-    for candidate in (not current if isinstance(current, bool) else None, 0.5, 0.3, 2, 7, 0.05, "cosine", "cls",
-                      "fp16", "val_loss", "balanced", "other.csv"):
-        if candidate != current and setting.kind.accepts(candidate):
-            return candidate
-    raise AssertionError(setting.name)
+# Written out by hand, not derived from the table's flag: what a resume must refuse to change
+# (it changes what is trained), with another valid value for each...
+MUST_MATCH = {
+    "MODEL_NAME": "other-model", "NUM_LABELS": 3, "MAX_LENGTH": 24, "POOLING": "cls", "COSINE_HEAD_SCALE": 10.0,
+    "DROPOUT": 0.2, "FREEZE_WORD_EMBEDDINGS": False, "EPOCHS": 5, "BATCH_SIZE": 16, "GRADIENT_ACCUMULATION_STEPS": 2,
+    "LEARNING_RATE": 3e-4, "WEIGHT_DECAY": 0.1, "WARMUP_RATIO": 0.2, "SCHEDULER": "cosine", "LAYERWISE_LR_DECAY": 0.9,
+    "MAX_GRAD_NORM": None, "LABEL_SMOOTHING": 0.0, "CLASS_WEIGHTS": "balanced", "EMA_DECAY": None,
+    "ADVERSARIAL_EPSILON": 0.5, "GROUP_BY_LENGTH": False, "FUSED_ADAMW": False, "EARLY_STOPPING_PATIENCE": 2,
+    "EARLY_STOPPING_METRIC": "val_loss", "DATA_PATH": "other.csv", "TEXT_COLUMN": "body", "LABEL_COLUMN": "intent",
+    "TRAIN_RATIO": 0.7, "VAL_RATIO": 0.15, "SEED": 7,
+}
+# ... and what it may change, since it cannot change what is trained.
+MAY_CHANGE = {
+    "EVAL_BATCH_SIZE": 7, "MIXED_PRECISION": "auto", "SAVE_EVERY_STEPS": 3, "LOG_EVERY_STEPS": 2,
+    "REPORT_TO": "tensorboard", "TEST_PATH": "test.csv", "N_FOLDS": 3, "OUTPUT_DIR": "elsewhere", "DEVICE": "cpu",
+}
 
 
-MUST_MATCH = [s for s in SETTINGS if not s.may_change_on_resume]
+def test_the_two_lists_name_every_setting_once():
+    assert set(MUST_MATCH) | set(MAY_CHANGE) == set(SETTING_BY_NAME) and not set(MUST_MATCH) & set(MAY_CHANGE)
 
 
-@pytest.mark.parametrize("setting", MUST_MATCH, ids=[s.name for s in MUST_MATCH])
-def test_resuming_with_any_setting_that_changes_training_is_refused_naming_it(finished_checkpoint, setting):
+@pytest.mark.parametrize("name", MUST_MATCH)
+def test_resuming_with_any_setting_that_changes_training_is_refused_naming_it(finished_checkpoint, name):
     checkpoint, names, config = finished_checkpoint
     changed = config.copy()
-    setattr(changed, setting.name, changed_value(setting, getattr(config, setting.name)))
-    with pytest.raises(FinetuneError, match=f"Cannot resume: {setting.name} is .* now but was"):
+    setattr(changed, name, MUST_MATCH[name])
+    assert getattr(changed, name) != getattr(config, name)
+    with pytest.raises(FinetuneError, match=f"Cannot resume: {name} is .* now but was"):
         full_finetune.check_resumable(checkpoint, changed, names, 1, "fp32")
 
 
-def test_the_settings_named_in_the_table_may_change_on_resume(finished_checkpoint):
+def test_the_settings_that_cannot_change_training_may_change_on_resume(finished_checkpoint):
     checkpoint, names, config = finished_checkpoint
     changed = config.copy()
-    for setting in SETTINGS:
-        if setting.may_change_on_resume:
-            setattr(changed, setting.name, changed_value(setting, getattr(config, setting.name)))
-    assert {s.name for s in SETTINGS if s.may_change_on_resume} >= {"OUTPUT_DIR", "DEVICE", "EVAL_BATCH_SIZE",
-                                                                    "SAVE_EVERY_STEPS"}
-    full_finetune.check_resumable(checkpoint, changed, names, 1, "fp32")
+    for name, value in MAY_CHANGE.items():
+        setattr(changed, name, value)
+    assert all(getattr(changed, name) != getattr(config, name) for name in MAY_CHANGE)
+    full_finetune.check_resumable(checkpoint, changed.validate(), names, 1, "fp32")
 
 
 def test_one_sentence_names_every_changed_setting_and_labels_precision_and_processes_are_checked(
@@ -153,23 +158,14 @@ def test_one_sentence_names_every_changed_setting_and_labels_precision_and_proce
         full_finetune.check_resumable(checkpoint, config, names, 2, "fp32")
 
 
-def test_a_changed_weight_decay_is_refused_by_the_command_line_and_metrics_record_what_was_used(tmp_path, capsys,
-                                                                                                tiny_model_dir):
+def test_a_changed_weight_decay_is_refused_by_the_command_line_and_metrics_record_what_was_used(
+        monkeypatch, tmp_path, capsys, tiny_model_dir):
     data = tmp_path / "train.csv"
     make_rows(40).to_csv(data, index=False)
     args = tiny_run_args(tiny_model_dir, data, tmp_path / "out", "--epochs", "3", "--weight-decay", "0.05")
-    original_step = Trainer._optimizer_step
-
-    def stop_at_step_4(self):
-        original_step(self)
-        if self._run.step == 4:
-            self.request_stop()
-
-    Trainer._optimizer_step = stop_at_step_4
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(full_finetune, "Trainer", StoppedAtStep4)
         assert full_finetune.main(args) == 130
-    finally:
-        Trainer._optimizer_step = original_step
     assert full_finetune.main([*args, "--resume", "--weight-decay", "0.1"]) == 2
     assert "WEIGHT_DECAY is 0.1 now but was 0.05" in capsys.readouterr().err
     checkpoint = tmp_path / "out" / "checkpoint.pt"
@@ -190,42 +186,41 @@ def test_missing_foreign_or_old_checkpoints_are_refused(tmp_path, tiny_config, c
         load_checkpoint(tmp_path / "old.pt")
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_factory, tokenizer):
-    trainer, train, val = new_trainer(resume_config(tmp_path, EPOCHS=3), tiny_model_factory, tokenizer)
-    forward = trainer.model.forward
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, new_trainer):
+    trainer, train, val = resumable(new_trainer, tmp_path / "out", EPOCHS=3)
+    forward, epoch = trainer.model.forward, {"now": 1}
+    trainer.step_hooks.append(lambda run: epoch.update(now=run.epoch + (run.batches_done == 9)))
 
     def nan_in_epoch_2(*args, **kwargs):
         output = forward(*args, **kwargs)
-        if trainer._run.epoch == 2 and trainer.model.training:
+        if epoch["now"] == 2 and trainer.model.training:
             output.logits = output.logits * float("nan")
         return output
 
     trainer.model.forward = nan_in_epoch_2
     with pytest.raises(FinetuneError, match="loss became nan.*last good checkpoint"):
         trainer.fit(train, val)
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2  # written after epoch 1, untouched
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["epoch"] == 2  # written after epoch 1, untouched
 
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FinetuneError):
-        full_finetune.main(["--data", str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path), "--debug"])
+        full_finetune.main(["--data", str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path / "out"), "--debug"])
 
 
-def test_a_second_ctrl_c_quits_at_once(monkeypatch, tmp_path, tiny_model_factory, tokenizer):
-    trainer, train, val = new_trainer(resume_config(tmp_path), tiny_model_factory, tokenizer)
-    original_step = Trainer._optimizer_step
+def test_a_second_ctrl_c_quits_at_once(tmp_path, new_trainer):
+    trainer, train, val = resumable(new_trainer, tmp_path / "out")
 
-    def step_interrupted_twice(self):
-        original_step(self)
-        if self._run.step == 3:
+    def interrupted_twice(run):
+        if run.step == 3:
             signal.raise_signal(signal.SIGINT)  # first: finish the step, then save and stop
-            assert self._stop_requested
+            assert run.stop.requested
             signal.raise_signal(signal.SIGINT)  # second: out at once
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_interrupted_twice)
+    trainer.step_hooks.append(interrupted_twice)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(train, val)
-    assert not (tmp_path / "checkpoint.pt").exists()  # it did not wait to write one
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()  # it did not wait to write one
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
@@ -261,11 +256,11 @@ def test_sigterm_outside_the_training_loop_stops_like_ctrl_c(monkeypatch, own_ru
 
     previous = signal.signal(signal.SIGTERM, not_handled_by_main)
 
-    def terminated_while_writing(output_dir, write):
+    def terminated_while_writing(folder, write):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
 
-    monkeypatch.setattr(full_finetune, "publish_outputs", terminated_while_writing)
+    monkeypatch.setattr(full_finetune.OutputFolder, "publish", terminated_while_writing)
     try:
         assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, own_run, "--epochs", "1")) == 130
         assert signal.getsignal(signal.SIGTERM) is not_handled_by_main  # main restored the handler it found
