@@ -36,6 +36,7 @@ class Kind:
     expects: str  # completes "X must be ...", e.g. "a whole number of at least 1"
     accepts: Callable[[object], bool]
     parse: Callable[[str], object]  # the flag's text to a value (argparse's `type`)
+    options: tuple = ()  # a choice's values, shown by --help
 
 
 def _is_int(value):
@@ -73,14 +74,15 @@ PATH = Kind("a path (text)", lambda v: isinstance(v, str | os.PathLike) and str(
 
 
 def choice(*options):
-    return Kind(f"one of {', '.join(options)}", lambda v: isinstance(v, str) and v in options, str)
+    return Kind(f"one of {', '.join(options)}", lambda v: isinstance(v, str) and v in options, str, options)
 
 
 def optional(kind):
     def parse(text):
         return None if text.lower() == "none" else kind.parse(text)
 
-    return Kind(f"{kind.expects}, or None", lambda v: v is None or kind.accepts(v), parse)
+    return Kind(f"{kind.expects}, or None", lambda v: v is None or kind.accepts(v), parse,
+                kind.options + ("None",) if kind.options else ())
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +181,9 @@ def cross_setting_problems(config):
     if config.COSINE_HEAD_SCALE is not None and config.POOLING != "mean":
         yield (f"COSINE_HEAD_SCALE ({config.COSINE_HEAD_SCALE}) needs POOLING = \"mean\" (it is "
                f"{config.POOLING!r}); set COSINE_HEAD_SCALE = None for the [CLS] head.")
+    if config.TEXT_COLUMN == config.LABEL_COLUMN:
+        yield (f"TEXT_COLUMN and LABEL_COLUMN are both {config.TEXT_COLUMN!r}; the texts and the labels must be "
+               "two different columns.")
     if config.TRAIN_RATIO + config.VAL_RATIO >= 1 - 1e-9:
         yield (f"TRAIN_RATIO ({config.TRAIN_RATIO}) and VAL_RATIO ({config.VAL_RATIO}) must add up to "
                "less than 1, so that a test split is left.")

@@ -75,9 +75,11 @@ Importing this module has no side effects; `main(argv)` is the only place that p
 import argparse
 import base64
 import contextlib
+import hashlib
 import html
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -193,27 +195,26 @@ def windows(iterable, size):
 # 2. Data: reading and checking CSV files, labels, the split, the dataset, batching, the audit
 # --------------------------------------------------------------------------------------------
 
-def other_separator(path):
-    """The delimiter a CSV seems to use instead of commas, read off its header line, or None."""
-    with open(path, encoding="utf-8-sig", errors="replace") as file:
-        header = file.readline()
-    return next((sep for sep in (";", "\t", "|") if sep in header and "," not in header), None)
-
-
 def read_csv_checked(path, columns, setting_hint):
-    """Read a UTF-8 CSV and make sure it has `columns`; every failure is one sentence."""
+    """A UTF-8 CSV read exactly as written: every cell is the text in the file (an id `00017`
+    stays `00017`, a label `None` or `NA` is a label), only an empty cell is empty. It must have
+    `columns`, each once; every failure is one sentence."""
     path = Path(path)
     if path.is_dir():
         raise FinetuneError(f"{path} is a folder; give the path of a CSV file.")
-    if not path.is_file():
+    if not path.exists():
         raise FinetuneError(f"The file {path} does not exist.")
+    if not path.is_file():
+        raise FinetuneError(f"{path} is not a regular file (a device, a pipe or a socket); give the path of a "
+                            "CSV file.")
     try:
-        separator = other_separator(path)
+        header = read_header(path)
+        separator = next((sep for sep in (";", "\t", "|") if sep in "".join(header) and len(header) == 1), None)
         if separator:
             raise FinetuneError(f"{path} looks separated by {separator!r} rather than commas (its header "
                                 f"line has no comma); save it as a comma-separated CSV.")
         # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark.
-        frame = pd.read_csv(path, encoding="utf-8-sig", dtype={columns[0]: str})
+        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
     except UnicodeDecodeError:
         raise FinetuneError(f"{path} is not UTF-8 text; save it as UTF-8 (in Excel: "
                             "'CSV UTF-8') and run again.") from None
@@ -223,41 +224,59 @@ def read_csv_checked(path, columns, setting_hint):
         raise FinetuneError(f"{path} is not a readable CSV file: {str(err).strip()}") from None
     except OSError as err:
         raise FinetuneError(f"Cannot read {path} ({err.strerror}).") from None
-    missing = [column for column in columns if column not in frame.columns]
+    missing = [column for column in columns if column not in header]
     if missing:
         raise FinetuneError(
             f"{path} has no column {' or '.join(map(repr, missing))}; the columns found are "
-            f"{name_list(frame.columns)}: {setting_hint}.")
+            f"{name_list(header)}: {setting_hint}.")
+    repeated = [column for column in columns if header.count(column) > 1]
+    if repeated:
+        raise FinetuneError(f"{path} has {header.count(repeated[0])} columns named {repeated[0]!r}; rename all but "
+                            "one, so that it is clear which one to read.")
     if frame.empty:
         raise FinetuneError(f"{path} has a header but no data rows.")
     return frame
 
 
+def read_header(path):
+    """The column names of a CSV's first line, as written."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        return next(csv.reader(file), [])
+
+
+def blank(cells):
+    """Which cells of a text column are empty (nothing but spaces counts as empty)."""
+    return cells.str.strip() == ""
+
+
 def read_training_data(path, text_column, label_column):
-    """Texts and raw labels of a training CSV, dropping (and counting) rows with no text or label."""
+    """Texts and labels of a training CSV, as written; rows with an empty text or label are
+    dropped and counted."""
+    if text_column == label_column:
+        raise FinetuneError(f"The text column and the label column are both {text_column!r}; name two different "
+                            "columns (--text-column, --label-column).")
     frame = read_csv_checked(
         path, [text_column, label_column],
         "set TEXT_COLUMN and LABEL_COLUMN in config.py or pass --text-column/--label-column")
-    no_text = frame[text_column].isna() | (frame[text_column].str.strip() == "")
-    no_label = frame[label_column].isna()
+    no_text, no_label = blank(frame[text_column]), blank(frame[label_column])
     if no_text.any() or no_label.any():
         print(f"note: dropped {int(no_text.sum())} rows with empty text and "
-              f"{int((no_label & ~no_text).sum())} more with no label from {path}.")
+              f"{int((no_label & ~no_text).sum())} more with an empty label from {path}.")
     frame = frame[~no_text & ~no_label]
     if frame.empty:
         raise FinetuneError(f"{path} has no row with both a text and a label.")
-    labels = frame[label_column]
-    if pd.api.types.is_float_dtype(labels) and (labels == labels.round()).all():
-        labels = labels.astype(int)  # integer labels read as floats because some were missing
-    return frame[text_column].tolist(), labels.tolist()
+    return frame[text_column].tolist(), frame[label_column].tolist()
 
 
 def read_test_file(path, text_column):
-    """Ids and texts of a Kaggle-style test CSV: `id` from the file, else the row number from 0."""
+    """Ids (as written) and texts of a Kaggle-style test CSV: `id` from the file, else the row
+    number from 0."""
     frame = read_csv_checked(path, [text_column], "pass --text-column with the text column's name")
     ids = frame["id"] if "id" in frame.columns else pd.RangeIndex(len(frame))
-    texts = frame[text_column].fillna("")
-    empty = int((texts.str.strip() == "").sum())
+    texts = frame[text_column]
+    empty = int(blank(texts).sum())
     repeated = int(pd.Series(ids).duplicated().sum())
     if empty:
         print(f"warning: {empty} rows of {path} have an empty text; they are predicted all the same.")
@@ -267,8 +286,8 @@ def read_test_file(path, text_column):
 
 
 def encode_labels(raw_labels):
-    """Label names in sorted order (as strings) and each row's label id."""
-    label_names = [str(label) for label in sorted(set(raw_labels))]
+    """Label names (the labels as text, in sorted text order) and each row's label id."""
+    label_names = sorted({str(label) for label in raw_labels})
     label_ids = {name: i for i, name in enumerate(label_names)}
     return label_names, [label_ids[str(label)] for label in raw_labels]
 
@@ -334,6 +353,15 @@ def load_data(config):
     print(f"Data: {len(texts)} rows, {len(label_names)} classes from {config.DATA_PATH}; "
           f"split {len(train.texts)} train / {len(val.texts)} validation / {len(test.texts)} test.")
     return DataSplits(train, val, test, label_names)
+
+
+def data_fingerprint(*parts):
+    """A digest of the texts and labels of Splits or datasets, in order: a resume or a reused fold
+    must have been trained on exactly this data (fixed labels included)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps([part.texts, part.labels], ensure_ascii=False).encode())
+    return digest.hexdigest()
 
 
 def normalise_text(text):
@@ -484,7 +512,8 @@ class ShuffledBatches(torch.utils.data.Sampler):
 
     def _rounds(self):
         batches = self._epoch_batches()
-        return batches + batches[:len(self) * self.world_size - len(batches)]
+        missing = len(self) * self.world_size - len(batches)  # fewer batches than processes: some go twice
+        return batches + [batches[i % len(batches)] for i in range(missing)]
 
     def _epoch_batches(self):
         generator = torch.Generator().manual_seed(derived_seed(self.seed, BATCH_ORDER_STREAM, self.epoch))
@@ -545,21 +574,46 @@ def quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
+def load_errors():
+    """What loading a model folder raises for a folder that is not a usable model: a missing or
+    truncated file, a malformed config, weights of other shapes, or a pickle that is more than
+    tensors (refused by torch's weights-only loader)."""
+    import pickle
+
+    return (ValueError, RuntimeError, pickle.UnpicklingError, *file_errors())
+
+
+def load_failure(what, err):
+    """One sentence for a model that cannot be loaded. A weights file that is a pickle of more than
+    tensors could run code when loaded; it is refused, and never loaded another way."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        return FinetuneError(f"Cannot load {what}: its weights file holds more than tensors (a pickle that could "
+                             "run code when loaded), so it is not loaded; save the weights as safetensors.")
+    return FinetuneError(f"Cannot load {what}: {str(err).strip().splitlines()[0]}")
+
+
 def load_pretrained(name, load):
-    """Call load(source, cache_only) for the model `name`, a missing model told in one sentence."""
+    """Call load(source, cache_only) for the model `name`, a missing model told in one sentence.
+    A folder's own code is never run (trust_remote_code=False): this project's head is
+    registered, any other custom code is refused."""
     source = resolve_model_source(name)
     # A hub name with no hub in reach can still be in the local cache: look only there.
     cache_only = not Path(source).is_dir() and not hub_reachable()
+    register_mean_pooling_head()  # a saved output folder can be the model of a new run
     try:
         with quiet_transformers():
             return load(source, cache_only)
-    except (ValueError, *file_errors()) as err:
+    except torch.OutOfMemoryError:
+        raise
+    except load_errors() as err:
         if cache_only:
             raise FinetuneError(
                 f"Model {name!r} is not a local folder and the Hugging Face hub cannot be reached "
                 "from this machine; use the default offline model (--preset minilm) or pass --model a "
                 "local folder holding a Hugging Face model.") from None
-        raise FinetuneError(f"Cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+        raise load_failure(f"model {name!r}", err) from None
 
 
 def require_fast(tokenizer, name):
@@ -572,7 +626,7 @@ def load_tokenizer(name):
     from transformers import AutoTokenizer
 
     return require_fast(load_pretrained(name, lambda source, cache_only: AutoTokenizer.from_pretrained(
-        source, local_files_only=cache_only)), name)
+        source, local_files_only=cache_only, trust_remote_code=False)), name)
 
 
 def load_model_and_tokenizer(name, label_names):
@@ -583,8 +637,9 @@ def load_model_and_tokenizer(name, label_names):
 
     tokenizer = load_tokenizer(name)
     model = load_pretrained(name, lambda source, cache_only: AutoModelForSequenceClassification.from_pretrained(
-        source, local_files_only=cache_only, ignore_mismatched_sizes=True, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={label: i for i, label in enumerate(label_names)}))
+        source, local_files_only=cache_only, trust_remote_code=False, ignore_mismatched_sizes=True,
+        num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+        label2id={label: i for i, label in enumerate(label_names)}))
     return model, tokenizer, resolve_model_source(name)
 
 
@@ -602,7 +657,8 @@ def register_mean_pooling_head():
 
 def load_saved_model(folder):
     """Model and tokenizer of a folder written by Trainer.save_pretrained (either head). The
-    folder's own code is never run: the mean-pooling head is this project's registered class."""
+    folder's own code is never run: the mean-pooling head is this project's registered class.
+    Nothing is written, in the folder or beside it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(folder)
@@ -613,9 +669,36 @@ def load_saved_model(folder):
         with quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, *file_errors()) as err:
-        raise FinetuneError(f"Cannot load the model folder {folder}: {str(err).splitlines()[0]}") from None
+    except torch.OutOfMemoryError:
+        raise
+    except load_errors() as err:
+        raise load_failure(f"the model folder {folder}", err) from None
     return model, require_fast(tokenizer, folder)
+
+
+def check_vocabulary(model, tokenizer, source):
+    """Refuse a tokenizer whose vocabulary cannot be the model's: far smaller than its embedding
+    table (transformers gives a folder without tokenizer files a 5-token vocabulary, which would
+    train a chance-level model without a word) or larger (its ids would fall outside the table)."""
+    table = model.get_input_embeddings()
+    rows = getattr(table, "num_embeddings", None)
+    if rows is not None and not rows // 2 <= len(tokenizer) <= rows:
+        raise FinetuneError(f"The tokenizer of {source} has {len(tokenizer)} tokens but the model's embedding "
+                            f"table has {rows} rows, so they do not belong together; a folder needs the "
+                            "tokenizer files of its model (tokenizer.json, or vocab.txt and tokenizer_config.json).")
+
+
+def model_identity(model):
+    """A digest of a model as it starts training: its configuration and a sample of every weight
+    (a few thousand values of each: cheap, and different for other weights or another
+    architecture). A resume or a reused fold must start from the same model."""
+    settings = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def head_of(model):
@@ -874,6 +957,7 @@ class TrainingRun:
     skipped_in_a_row: int = 0
     history: list = field(default_factory=list)  # one row per epoch
     step_log: list = field(default_factory=list)  # one row per LOG_EVERY_STEPS optimizer steps
+    fingerprint: dict = field(default_factory=dict)  # the data and model it trains: a resume must match
 
 
 # --------------------------------------------------------------------------------------------
@@ -909,6 +993,8 @@ class Trainer:
         self.label_names = list(label_names if label_names is not None
                                 else (model.config.id2label[i] for i in range(model.config.num_labels)))
         self.model = prepare_model(model, self.config, self.label_names)
+        check_vocabulary(self.model, tokenizer, self.model_source)
+        self.model_identity = model_identity(self.model)
         limit = token_limit(self.model, tokenizer)
         if limit is not None and self.config.MAX_LENGTH > limit:
             raise FinetuneError(f"MAX_LENGTH is {self.config.MAX_LENGTH} but {self.model_source} takes at most "
@@ -986,7 +1072,8 @@ class Trainer:
             fgm=FGM(embedding_layer(self.model), config.ADVERSARIAL_EPSILON) if config.ADVERSARIAL_EPSILON else None,
             stopping=EarlyStopping(config.EARLY_STOPPING_PATIENCE, config.EARLY_STOPPING_METRIC != "val_loss"),
             stop=StopAgreement(self.device, self.world_size), steps_per_epoch=steps_per_epoch,
-            total_steps=total_steps, warmup_steps=round(config.WARMUP_RATIO * total_steps))
+            total_steps=total_steps, warmup_steps=round(config.WARMUP_RATIO * total_steps),
+            fingerprint={"data": data_fingerprint(train_dataset, val_dataset), "model": self.model_identity})
         self.class_weights = (balanced_class_weights(train_dataset.labels, len(self.label_names)).to(self.device)
                               if config.CLASS_WEIGHTS == "balanced" else None)
         self._run, self.history, self.step_log, self.best_epoch = run, run.history, run.step_log, None
@@ -1242,13 +1329,13 @@ class Trainer:
             "scaler": run.scaler.state_dict(), "ema": run.ema.average if run.ema else None,
             "step": run.step, "epoch": run.epoch, "batches_done": run.batches_done,
             "skipped_in_a_row": run.skipped_in_a_row, "early_stopping": run.stopping.state_dict(),
-            "history": run.history, "step_log": run.step_log,
+            "history": run.history, "step_log": run.step_log, "fingerprint": run.fingerprint,
         }
         write_atomically(self.checkpoint_path, lambda tmp: save_torch(state, tmp),
                          advice="the last good checkpoint is kept; free some space, then resume with --resume.")
 
     def _restore(self, run, checkpoint):
-        check_resumable(checkpoint, self.config, self.label_names, self.world_size, self.precision)
+        check_resumable(checkpoint, self.config, self.label_names, self.world_size, self.precision, run.fingerprint)
         self.model.load_state_dict(checkpoint["model"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.scaler.load_state_dict(checkpoint["scaler"])
@@ -1346,22 +1433,31 @@ def require_checkpoint(path):
     return path
 
 
+CHECKPOINT_KEYS = {"format", "config", "label_names", "precision", "world_size", "ranks", "model", "optimizer",
+                   "scaler", "ema", "step", "epoch", "batches_done", "skipped_in_a_row", "early_stopping", "history",
+                   "step_log", "fingerprint"}
+
+
 def load_checkpoint(path):
     """A checkpoint written by Trainer.save_checkpoint, read without unpickling arbitrary code."""
     path = require_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say so in one line
-        raise FinetuneError(f"{path} cannot be read as a checkpoint ({str(err).splitlines()[0]}).") from None
+    except Exception as err:  # a truncated or foreign file: say so in one line, never suggest unpickling it
+        reason = "it holds more than tensors" if "Weights only load failed" in str(err) else str(err).splitlines()[0]
+        raise FinetuneError(f"{path} cannot be read as a checkpoint ({reason}).") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(f"{path} is not a checkpoint of this version of full_finetune.py; start a new run.")
+    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    if missing:
+        raise FinetuneError(f"{path} is an incomplete checkpoint (no {name_list(missing, 3)}); start a new run.")
     return checkpoint
 
 
-def check_resumable(checkpoint, config, label_names, world_size, precision):
+def check_resumable(checkpoint, config, label_names, world_size, precision, fingerprint):
     """Refuse, in one sentence, a resume that would train differently from the interrupted run:
-    any setting that may not change on resume (the SETTINGS table says which), other labels,
-    another precision or another number of processes."""
+    any setting that may not change on resume (the SETTINGS table says which), other labels or
+    data, another starting model, another precision or another number of processes."""
     if checkpoint["world_size"] != world_size:
         raise FinetuneError(f"Cannot resume: the run had {checkpoint['world_size']} processes and this one "
                             f"has {world_size}; launch it as it was launched.")
@@ -1373,6 +1469,13 @@ def check_resumable(checkpoint, config, label_names, world_size, precision):
     if checkpoint["label_names"] != label_names:
         raise FinetuneError(f"Cannot resume: the labels in the data differ from the checkpoint's "
                             f"({name_list(checkpoint['label_names'])}); start a new run.")
+    if checkpoint["fingerprint"]["data"] != fingerprint["data"]:
+        raise FinetuneError("Cannot resume: the training or validation rows differ from the interrupted run's "
+                            "(texts or labels changed); start a new run without --resume.")
+    if checkpoint["fingerprint"]["model"] != fingerprint["model"]:
+        raise FinetuneError(f"Cannot resume: MODEL_NAME ({config.MODEL_NAME}) is now another model than the "
+                            "interrupted run started from (other weights or architecture); start a new run "
+                            "without --resume.")
     if checkpoint["precision"] != precision:
         raise FinetuneError(f"Cannot resume: the run trained in {checkpoint['precision']} and this one would "
                             f"train in {precision} (MIXED_PRECISION {config.MIXED_PRECISION!r} on this device); "
@@ -1447,6 +1550,12 @@ def new_figure(width, height):
     return figure
 
 
+def as_plain_text(names):
+    """Names as matplotlib shows them literally: a `$` would otherwise start mathematical text (a
+    label such as `$5-10` fails to draw), so each is escaped."""
+    return [str(name).replace("$", r"\$") for name in names]
+
+
 def png_bytes(figure):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -1510,7 +1619,8 @@ def plot_confusion_matrix(matrix, label_names, path=None):
     figure = new_figure(side + 1.5, side)
     ax = figure.subplots()
     sns.heatmap(normalised, ax=ax, vmin=0, vmax=1, cmap="Blues", square=True, annot=n <= 20, fmt=".2f",
-                annot_kws={"size": font}, xticklabels=label_names, yticklabels=label_names,
+                annot_kws={"size": font}, xticklabels=as_plain_text(label_names),
+                yticklabels=as_plain_text(label_names),
                 cbar_kws={"label": "share of the true class", "shrink": 0.5})
     ax.tick_params(labelsize=font)
     ax.set_xticklabels(ax.get_xticklabels(), rotation=90)
@@ -1535,8 +1645,8 @@ def plot_confused_classes(matrix, label_names, path=None, pairs=15):
     side = max(5.0, 0.45 * len(index) + 3)
     figure = new_figure(side + 1.5, side)
     ax = figure.subplots()
-    sns.heatmap(block, ax=ax, cmap="Reds", square=True, annot=True, fmt="d", xticklabels=involved,
-                yticklabels=involved, mask=np.eye(len(index), dtype=bool), annot_kws={"size": 9},
+    sns.heatmap(block, ax=ax, cmap="Reds", square=True, annot=True, fmt="d", xticklabels=as_plain_text(involved),
+                yticklabels=as_plain_text(involved), mask=np.eye(len(index), dtype=bool), annot_kws={"size": 9},
                 cbar_kws={"label": "rows", "shrink": 0.5})
     ax.set_xticklabels(ax.get_xticklabels(), rotation=90)
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
@@ -1747,9 +1857,10 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
 
 
 def run_evaluate(model_dir, input_path, text_column="text", label_column="label", output_path=None,
-                 errors_path=ERRORS_FILE, config=None):
-    """Score a saved model on a labelled CSV (labels it was not trained on are refused); write its
-    misclassified rows to `errors_path` and, if given, the metrics to `output_path`."""
+                 errors_path=None, config=None):
+    """Score a saved model on a labelled CSV (labels it was not trained on are refused); write, if
+    given, its misclassified rows to `errors_path` and the metrics to `output_path` (never over
+    the input or each other)."""
     trainer = Trainer.from_pretrained(model_dir, config, progress=False)
     texts, raw_labels = read_training_data(input_path, text_column, label_column)
     known = {name: i for i, name in enumerate(trainer.label_names)}
@@ -1796,18 +1907,21 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     from sklearn.model_selection import train_test_split
 
     fold_dir = cv_dir / f"fold_{fold + 1}"
+    fold_config = config.copy()
+    fold_config.OUTPUT_DIR = str(fold_dir)  # the fold's own checkpoints
+    trainer = Trainer(fold_config, label_names)  # the model it starts from is part of the fingerprint
     fingerprint = {**config.training_settings(), "N_FOLDS": config.N_FOLDS, "label_names": label_names,
-                   "rows": len(texts)}
+                   "data": data_fingerprint(Split(texts, label_ids.tolist())), "model": trainer.model_identity}
     result_path = fold_dir / FOLD_RESULT_FILE
-    if result_path.is_file():
-        result = torch.load(result_path, weights_only=True)
+    result = read_fold_result(result_path)
+    if result is not None:
         if result["fingerprint"] != fingerprint:
-            raise FinetuneError(f"{fold_dir} holds a fold trained with other settings or data; use another "
-                                "--output-dir, or delete that folder to train it again.")
+            raise FinetuneError(f"{fold_dir} holds a fold trained with other settings, data or starting model; "
+                                "use another --output-dir, or delete the fold folders to train them again.")
         print(f"Fold {fold + 1}/{config.N_FOLDS}: finished earlier, reusing {fold_dir}.")
         if test_texts is not None and result["test_texts"] != test_texts:  # another (or a first) test file
-            trainer = Trainer.from_pretrained(fold_dir / MODEL_DIR_NAME, config, progress=False)
-            result["test_probabilities"] = torch.from_numpy(trainer.predict(test_texts)[1])
+            trained = Trainer.from_pretrained(fold_dir / MODEL_DIR_NAME, config, progress=False)
+            result["test_probabilities"] = torch.from_numpy(trained.predict(test_texts)[1])
         return result
 
     print(f"Fold {fold + 1}/{config.N_FOLDS}:")
@@ -1820,9 +1934,6 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
                                                 random_state=config.SEED)
     except ValueError as err:
         raise FinetuneError(f"Cannot set aside a stratified validation share in fold {fold + 1}: {err}") from None
-    fold_config = config.copy()
-    fold_config.OUTPUT_DIR = str(fold_dir)  # the fold's own checkpoints
-    trainer = Trainer(fold_config, label_names)
     resume = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else None  # interrupted: continue
 
     def dataset(rows):
@@ -1848,6 +1959,18 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
     print(f"Fold {fold + 1}/{config.N_FOLDS}: held-out accuracy {metrics['accuracy']:.4f}, "
           f"macro F1 {metrics['macro_f1']:.4f}.")
     return result
+
+
+def read_fold_result(path):
+    """A finished fold's result, or None when there is none, or it cannot be read (a damaged file
+    of ours: the fold is trained again)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated or damaged
+        print(f"note: {path} cannot be read; training that fold again.")
+        return None
 
 
 def run_cv(config):
@@ -1968,21 +2091,34 @@ def add_setting_flags(parser, names):
             parser.add_argument(setting.flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=meaning)
         else:
-            parser.add_argument(setting.flag, dest=name, type=flag_type(setting), metavar=name,
+            choices = "{" + ",".join(setting.kind.options) + "}" if setting.kind.options else name
+            parser.add_argument(setting.flag, dest=name, type=flag_type(setting), metavar=choices,
                                 default=argparse.SUPPRESS, help=meaning)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, refusing as the program does: one line and a pointer to --help, not the whole
+    usage; and abbreviated flags (--epoch for --epochs) are not guessed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        say_once(f"error: {message} (see {self.prog} --help)")
+        self.exit(2)
+
+
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     add_setting_flags(common, COMMON_SETTINGS)
-    training = argparse.ArgumentParser(add_help=False)
+    training = ArgumentParser(add_help=False)
     training.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
                           help="start from a named preset of config.py instead of FullFinetuneConfig")
     add_setting_flags(training, [s.name for s in SETTINGS if s.flag and s.name not in COMMON_SETTINGS
                                  and s.name not in TRAIN_ONLY_SETTINGS])
 
-    parser = argparse.ArgumentParser(prog="full_finetune.py", description="Fine-tune every parameter of a "
+    parser = ArgumentParser(prog="full_finetune.py", description="Fine-tune every parameter of a "
                                      "BERT-family classifier on a text,label CSV; predict and evaluate with it.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser(
@@ -2021,7 +2157,7 @@ def build_parser():
     evaluate.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
     evaluate.add_argument("--label-column", default=FullFinetuneConfig.LABEL_COLUMN, help="default: %(default)s")
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
-    evaluate.add_argument("--errors", default=ERRORS_FILE,
+    evaluate.add_argument("--errors",
                           help="where to write the misclassified rows (default: %(default)s)")
     evaluate.set_defaults(run=lambda args: run_evaluate(args.model_dir, args.input, args.text_column,
                                                         args.label_column, args.output, args.errors,

@@ -138,7 +138,35 @@ def test_finished_folds_are_skipped_when_cv_is_run_again(cv_run, monkeypatch):
 def test_a_fold_from_other_settings_is_refused(cv_run, capsys):
     _, args = cv_run
     assert full_finetune.main([*args, "--seed", "7"]) == 2
-    assert "fold_1 holds a fold trained with other settings" in capsys.readouterr().err
+    assert "fold_1 holds a fold trained with other settings, data or starting model" in capsys.readouterr().err
+
+
+def test_folds_trained_before_the_labels_were_fixed_are_refused(cv_run, cv_data, tmp_path, monkeypatch, capsys):
+    """README's workflow: read label_issues.csv, fix the labels, run cv again. The same number of
+    rows, other labels: the old folds must not be reused."""
+    out, args = cv_run
+    fixed = pd.read_csv(cv_data / "train.csv")
+    fixed.loc[FLIPPED[0], "label"] = make_rows(60, seed=3).loc[FLIPPED[0], "label"]  # one label set right
+    fixed.to_csv(tmp_path / "fixed.csv", index=False)
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("no fold may train into the old folder"))
+    assert full_finetune.main([*args[:args.index("--data") + 1], str(tmp_path / "fixed.csv"),
+                               *args[args.index("--data") + 2:]]) == 2
+    assert "fold_1 holds a fold trained with other settings, data or starting model" in capsys.readouterr().err
+
+
+def test_a_damaged_fold_result_is_trained_again(cv_run, monkeypatch, capsys):
+    out, args = cv_run
+    result = out / "fold_2" / "fold_result.pt"
+    saved = result.read_bytes()
+    result.write_bytes(saved[:100])  # truncated by a crash of the disk, say
+    fits = []
+    original_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (fits.append(1), original_fit(self, *a, **k))[1])
+    try:
+        assert full_finetune.main(args) == 0
+        assert len(fits) == 1 and "fold_result.pt cannot be read; training that fold again" in capsys.readouterr().out
+    finally:
+        result.write_bytes(saved)
 
 
 def test_reused_folds_predict_a_new_test_file(cv_run, monkeypatch, tmp_path):

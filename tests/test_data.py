@@ -50,8 +50,8 @@ def test_dataset_without_labels_yields_no_labels(tokenizer):
 def test_labels_are_encoded_in_sorted_order():
     names, ids = encode_labels(["b", "a", "c", "a"])
     assert names == ["a", "b", "c"] and ids == [1, 0, 2, 0]
-    names, ids = encode_labels([10, 2, 2])
-    assert names == ["2", "10"] and ids == [1, 0, 0]
+    names, ids = encode_labels(["10", "2", "2", "b"])  # labels are text, sorted as text
+    assert names == ["10", "2", "b"] and ids == [0, 1, 1, 2]
 
 
 def test_stratified_split_is_disjoint_complete_and_keeps_proportions():
@@ -200,7 +200,7 @@ def test_a_test_file_with_repeated_ids_and_empty_texts_is_read_with_warnings(tmp
     path = tmp_path / "test.csv"
     pd.DataFrame({"id": [1, 2, 2, 3, 1], "text": ["a", "", "b", None, "c"]}).to_csv(path, index=False)
     ids, texts = full_finetune.read_test_file(path, "text")
-    assert list(ids) == [1, 2, 2, 3, 1] and texts == ["a", "", "b", "", "c"]
+    assert list(ids) == ["1", "2", "2", "3", "1"] and texts == ["a", "", "b", "", "c"]
     out = capsys.readouterr().out
     assert "warning: 2 rows of" in out and "empty text" in out
     assert "warning: 2 rows of" in out and "repeat an id" in out
@@ -220,16 +220,43 @@ def test_collator_pads_roberta_style_ids_with_the_tokenizers_pad_id():
     assert batch["input_ids"].dtype == torch.long and "labels" not in batch
 
 
-def test_integer_labels_with_gaps_keep_integer_names(tmp_path):
-    frame = make_rows(30)
-    frame["label"] = frame["label"].map({"delivery": 3, "price": 7, "refund": 11})
-    frame.loc[5, "label"] = None
+def test_every_cell_is_read_as_written(tmp_path, capsys):
+    """Labels and ids are the text in the file: 007 and 7, 3.0 and 3, 02 and 2 are different
+    classes; None, NA, null and nan are class names and texts like any other; only an empty
+    cell is missing. A label column mixing numbers and words is sorted as text."""
+    names = ["007", "7", "3.0", "3", "02", "2", "None", "NA", "null", "nan", "buy", "10"]
+    rows = [{"text": f"message {i} for {name}", "label": name} for name in names for i in range(10)]
+    rows += [{"text": "None", "label": "buy"}, {"text": "NA", "label": "7"}, {"text": "", "label": "buy"},
+             {"text": "a text without a label", "label": ""}]
     path = tmp_path / "train.csv"
-    frame.to_csv(path, index=False)
+    pd.DataFrame(rows).to_csv(path, index=False)
     config = FullFinetuneConfig()
     config.DATA_PATH = str(path)
-    assert load_data(config).label_names == ["3", "7", "11"]
-    assert pd.read_csv(path)["label"].dtype == float  # the case handled: NaN made them floats
+    data = load_data(config)
+    assert data.label_names == sorted(names) and len(data.label_names) == 12
+    texts = data.train.texts + data.val.texts + data.test.texts
+    assert "None" in texts and "NA" in texts and len(texts) == 122
+    assert "dropped 1 rows with empty text and 1 more with an empty label" in capsys.readouterr().out
+
+
+def test_test_ids_are_kept_as_written(tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text("id,text\n00017,hello\n0017,hi\n1e3,what\nNA,none\n", encoding="utf-8")
+    ids, texts = full_finetune.read_test_file(path, "text")
+    assert list(ids) == ["00017", "0017", "1e3", "NA"] and texts == ["hello", "hi", "what", "none"]
+
+
+@pytest.mark.parametrize("header, columns, message", [
+    ("text,text,label", ("text", "label"), "has 2 columns named 'text'"),
+    ("text,label,label", ("text", "label"), "has 2 columns named 'label'"),
+    ("text,label", ("text", "text"), "text column and the label column are both 'text'"),
+])
+def test_columns_that_make_no_sense_together_are_refused(tmp_path, header, columns, message):
+    path = tmp_path / "train.csv"
+    width = len(header.split(","))
+    path.write_text(header + "\n" + "\n".join(",".join(f"cell {i}" for _ in range(width)) for i in range(3)))
+    with pytest.raises(FinetuneError, match=message):
+        full_finetune.read_training_data(path, *columns)
 
 
 def test_the_audit_reports_balance_lengths_duplicates_conflicts_and_test_overlap(tokenizer, capsys):
@@ -265,4 +292,4 @@ def test_rows_without_a_label_are_dropped_and_counted(tmp_path, capsys):
     config.DATA_PATH = str(path)
     data = load_data(config)
     assert sum(len(s.texts) for s in (data.train, data.val, data.test)) == 87
-    assert "3 more with no label" in capsys.readouterr().out
+    assert "3 more with an empty label" in capsys.readouterr().out

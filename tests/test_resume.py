@@ -128,7 +128,7 @@ def test_resuming_with_any_setting_that_changes_training_is_refused_naming_it(fi
     setattr(changed, name, MUST_MATCH[name])
     assert getattr(changed, name) != getattr(config, name)
     with pytest.raises(FinetuneError, match=f"Cannot resume: {name} is .* now but was"):
-        full_finetune.check_resumable(checkpoint, changed, names, 1, "fp32")
+        full_finetune.check_resumable(checkpoint, changed, names, 1, "fp32", checkpoint["fingerprint"])
 
 
 def test_the_settings_that_cannot_change_training_may_change_on_resume(finished_checkpoint):
@@ -137,7 +137,7 @@ def test_the_settings_that_cannot_change_training_may_change_on_resume(finished_
     for name, value in MAY_CHANGE.items():
         setattr(changed, name, value)
     assert all(getattr(changed, name) != getattr(config, name) for name in MAY_CHANGE)
-    full_finetune.check_resumable(checkpoint, changed.validate(), names, 1, "fp32")
+    full_finetune.check_resumable(checkpoint, changed.validate(), names, 1, "fp32", checkpoint["fingerprint"])
 
 
 def test_one_sentence_names_every_changed_setting_and_labels_precision_and_processes_are_checked(
@@ -146,16 +146,16 @@ def test_one_sentence_names_every_changed_setting_and_labels_precision_and_proce
     changed = config.copy()
     changed.WEIGHT_DECAY, changed.MAX_GRAD_NORM = 0.0, None
     with pytest.raises(FinetuneError) as err:
-        full_finetune.check_resumable(checkpoint, changed, names, 1, "fp32")
+        full_finetune.check_resumable(checkpoint, changed, names, 1, "fp32", checkpoint["fingerprint"])
     message = str(err.value)
     assert "WEIGHT_DECAY is 0.0 now but was 0.01" in message and "MAX_GRAD_NORM is None now but was 1.0" in message
     assert "\n" not in message
     with pytest.raises(FinetuneError, match="labels in the data differ"):
-        full_finetune.check_resumable(checkpoint, config, ["x", "y"], 1, "fp32")
+        full_finetune.check_resumable(checkpoint, config, ["x", "y"], 1, "fp32", checkpoint["fingerprint"])
     with pytest.raises(FinetuneError, match="trained in fp32 and this one would train in fp16"):
-        full_finetune.check_resumable(checkpoint, config, names, 1, "fp16")
+        full_finetune.check_resumable(checkpoint, config, names, 1, "fp16", checkpoint["fingerprint"])
     with pytest.raises(FinetuneError, match="had 1 processes and this one has 2"):
-        full_finetune.check_resumable(checkpoint, config, names, 2, "fp32")
+        full_finetune.check_resumable(checkpoint, config, names, 2, "fp32", checkpoint["fingerprint"])
 
 
 def test_a_changed_weight_decay_is_refused_by_the_command_line_and_metrics_record_what_was_used(
