@@ -141,16 +141,19 @@ def test_a_fold_from_other_settings_is_refused(cv_run, capsys):
     assert "fold_1 holds a fold trained with other settings, data or starting model" in capsys.readouterr().err
 
 
-def test_folds_trained_before_the_labels_were_fixed_are_refused(cv_run, cv_data, tmp_path, monkeypatch, capsys):
-    """README's workflow: read label_issues.csv, fix the labels, run cv again. The same number of
-    rows, other labels: the old folds must not be reused."""
-    out, args = cv_run
+def test_folds_trained_before_the_labels_were_fixed_are_refused(cv_run, cv_data, monkeypatch, capsys):
+    """README's workflow: read label_issues.csv, fix the labels in the file, run cv again. The same
+    file, the same number of rows, other labels: the old folds must not be reused."""
+    _, args = cv_run
+    original = (cv_data / "train.csv").read_bytes()
     fixed = pd.read_csv(cv_data / "train.csv")
     fixed.loc[FLIPPED[0], "label"] = make_rows(60, seed=3).loc[FLIPPED[0], "label"]  # one label set right
-    fixed.to_csv(tmp_path / "fixed.csv", index=False)
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("no fold may train into the old folder"))
-    assert full_finetune.main([*args[:args.index("--data") + 1], str(tmp_path / "fixed.csv"),
-                               *args[args.index("--data") + 2:]]) == 2
+    try:
+        fixed.to_csv(cv_data / "train.csv", index=False)
+        assert full_finetune.main(args) == 2
+    finally:
+        (cv_data / "train.csv").write_bytes(original)
     assert "fold_1 holds a fold trained with other settings, data or starting model" in capsys.readouterr().err
 
 
