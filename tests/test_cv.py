@@ -138,7 +138,7 @@ def test_finished_folds_are_skipped_when_cv_is_run_again(cv_run, monkeypatch):
 def test_a_fold_from_other_settings_is_refused(cv_run, capsys):
     _, args = cv_run
     assert full_finetune.main([*args, "--seed", "7"]) == 2
-    assert "fold_1 holds a fold trained with other settings, data or starting model" in capsys.readouterr().err
+    assert "fold_1 holds a model trained with other settings, data or starting model" in capsys.readouterr().err
 
 
 def test_folds_trained_before_the_labels_were_fixed_are_refused(cv_run, cv_data, monkeypatch, capsys):
@@ -154,7 +154,7 @@ def test_folds_trained_before_the_labels_were_fixed_are_refused(cv_run, cv_data,
         assert full_finetune.main(args) == 2
     finally:
         (cv_data / "train.csv").write_bytes(original)
-    assert "fold_1 holds a fold trained with other settings, data or starting model" in capsys.readouterr().err
+    assert "fold_1 holds a model trained with other settings, data or starting model" in capsys.readouterr().err
 
 
 def test_a_damaged_fold_result_is_trained_again(cv_run, monkeypatch, capsys):

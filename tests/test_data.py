@@ -263,7 +263,8 @@ def test_the_audit_reports_balance_lengths_duplicates_conflicts_and_test_overlap
     texts = ["Where is my parcel?", "where is my parcel", "Where is my parcel?", "price of the sofa",
              "price of the sofa", "refund " * 40, "hi"]
     label_ids = [0, 0, 0, 1, 2, 2, 2]
-    report = full_finetune.audit_data(texts, label_ids, ["delivery", "price", "refund"], tokenizer, 16,
+    lengths = BuyerIntentDataset(texts, None, tokenizer, 16).full_lengths
+    report = full_finetune.audit_data(texts, label_ids, ["delivery", "price", "refund"], lengths, 16, "head",
                                       test_texts=["PRICE of the sofa!", "hi", "brand new text"])
     assert report["class_counts"] == {"delivery": 3, "price": 1, "refund": 3}
     assert report["imbalance_ratio"] == 3.0
@@ -274,12 +275,13 @@ def test_the_audit_reports_balance_lengths_duplicates_conflicts_and_test_overlap
     assert report["conflicting_texts"] == 1 and report["conflict_examples"] == ["price of the sofa"]
     assert report["test_texts_in_train"] == 1 and report["test_texts_in_train_normalised"] == 2
     out = capsys.readouterr().out
-    assert "warning: 1 texts are longer than MAX_LENGTH" in out and "appear with different labels" in out
+    assert "warning: 1 texts are longer than MAX_LENGTH (16 tokens); they keep their first tokens (so many: " \
+        "--truncation head_tail" in out and "appear with different labels" in out
     assert "2 test texts also appear in the training file (1 exactly)" in out
 
 
 def test_a_clean_file_gets_no_warnings(tokenizer, capsys):
-    report = full_finetune.audit_data(["a b", "c d", "e f"], [0, 1, 1], ["x", "y"], tokenizer, 64)
+    report = full_finetune.audit_data(["a b", "c d", "e f"], [0, 1, 1], ["x", "y"], [4, 4, 4], 64, "head")
     assert report["warnings"] == [] and "warning" not in capsys.readouterr().out
 
 

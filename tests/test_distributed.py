@@ -148,7 +148,7 @@ def test_two_gloo_processes_train_exactly_like_one_with_the_same_effective_batch
                           *tiny_run_args(tiny_model_dir, data, tmp_path / "two", *common)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env(threads=1))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("Test (") == 1  # only rank 0 reports
+    assert run.stdout.count("Test split (") == 1  # only rank 0 reports
     assert "effective batch 16 (8 x 1 accumulated x 2 processes)" in run.stdout
     assert full_finetune.main(tiny_run_args(tiny_model_dir, data, tmp_path / "one", *common, "--grad-accum", "2")) == 0
     two = torch.load(tmp_path / "two" / "best_full_finetune_model.pth", weights_only=True)

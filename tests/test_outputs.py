@@ -125,11 +125,18 @@ for folder in {[str(f) for f in folders.values()]!r}:
             np.testing.assert_allclose([s[label] for s in result["scores"]], ours[f"prob_{label}"], atol=1e-5)
 
 
-def test_best_weights_file_matches_the_saved_model(trained_run):
-    state = torch.load(trained_run / "best_full_finetune_model.pth", weights_only=True)
-    model = Trainer.from_pretrained(trained_run / "full_finetune_model", progress=False).model
-    assert state.keys() == model.state_dict().keys()
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+def test_best_weights_file_matches_the_saved_model_unless_a_refit_wrote_the_submission(trained_run, tmp_path,
+                                                                                    tiny_model_dir, small_csv,
+                                                                                    test_csv):
+    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, tmp_path / "no_refit", "--test",
+                                            str(test_csv), "--no-refit")) == 0
+    for run, same in ((tmp_path / "no_refit", True), (trained_run, False)):
+        state = torch.load(run / "best_full_finetune_model.pth", weights_only=True)
+        model = Trainer.from_pretrained(run / "full_finetune_model", progress=False).model
+        assert state.keys() == model.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) is same
+        trained_on = json.loads((run / "metrics.json").read_text())["submission_model"]["trained_on"]
+        assert trained_on == ("the training split" if same else "every labelled row (refit)")
 
 
 def test_predict_writes_id_label_with_original_names_and_warns_of_odd_rows(trained_run, tmp_path, capsys):
@@ -495,7 +502,7 @@ def test_the_report_holds_the_metrics_pairs_errors_and_embedded_figures(trained_
                     "Most confused pairs (test split)", "Most confident mistakes", "Per class (test split)", "History"):
         assert f"<h2>{heading}" in page, heading
     assert f"{metrics['test']['accuracy']:.4f}" in page
-    assert page.count("data:image/png;base64,") == 3 and "src='http" not in page and 'src="http' not in page
+    assert page.count("data:image/png;base64,") == 4 and "<h2>Reliability (validation split)" in page and "src='http" not in page and 'src="http' not in page
 
 
 def test_the_report_renders_in_a_real_browser(trained_run, tmp_path):

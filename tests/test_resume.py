@@ -107,13 +107,15 @@ MUST_MATCH = {
     "LEARNING_RATE": 3e-4, "WEIGHT_DECAY": 0.1, "WARMUP_RATIO": 0.2, "SCHEDULER": "cosine", "LAYERWISE_LR_DECAY": 0.9,
     "MAX_GRAD_NORM": None, "LABEL_SMOOTHING": 0.0, "CLASS_WEIGHTS": "balanced", "EMA_DECAY": None,
     "ADVERSARIAL_EPSILON": 0.5, "GROUP_BY_LENGTH": False, "FUSED_ADAMW": False, "EARLY_STOPPING_PATIENCE": 2,
-    "EARLY_STOPPING_METRIC": "val_loss", "DATA_PATH": "other.csv", "TEXT_COLUMN": "body", "LABEL_COLUMN": "intent",
+    "METRIC": "log_loss", "LABEL_ORDER": ["refund", "price", "delivery"], "TRUNCATION": "head_tail",
+    "REFIT": False, "DATA_PATH": "other.csv", "TEXT_COLUMN": "body", "LABEL_COLUMN": "intent",
     "TRAIN_RATIO": 0.7, "VAL_RATIO": 0.15, "SEED": 7,
 }
 # ... and what it may change, since it cannot change what is trained.
 MAY_CHANGE = {
     "EVAL_BATCH_SIZE": 7, "MIXED_PRECISION": "auto", "SAVE_EVERY_STEPS": 3, "LOG_EVERY_STEPS": 2,
-    "REPORT_TO": "tensorboard", "TEST_PATH": "test.csv", "N_FOLDS": 3, "OUTPUT_DIR": "elsewhere", "DEVICE": "cpu",
+    "REPORT_TO": "tensorboard", "TEST_PATH": "test.csv", "N_FOLDS": 3, "CV_SUBMISSION": "both",
+    "SAMPLE_SUBMISSION": "sample_submission.csv", "OUTPUT_DIR": "elsewhere", "DEVICE": "cpu",
 }
 
 

@@ -106,9 +106,10 @@ def test_early_stopping_stops_and_restores_the_best_epoch(monkeypatch, new_train
 
 
 def test_early_stopping_on_loss_prefers_lower(monkeypatch, new_trainer):
-    trainer = new_trainer(EPOCHS=5, EARLY_STOPPING_PATIENCE=1, EARLY_STOPPING_METRIC="val_loss")
+    trainer = new_trainer(EPOCHS=5, EARLY_STOPPING_PATIENCE=1, METRIC="log_loss")
     losses = iter([0.9, 0.4, 0.6])
-    monkeypatch.setattr(trainer, "evaluate", lambda dataset: {"loss": next(losses), "accuracy": 0.5, "macro_f1": 0.5})
+    monkeypatch.setattr(trainer, "evaluate", lambda dataset: {"loss": (loss := next(losses)), "log_loss": loss,
+                                                              "accuracy": 0.5, "macro_f1": 0.5})
     assert len(fit(trainer, labelled()).history) == 3 and trainer.best_epoch == 2
 
 
