@@ -2207,7 +2207,7 @@ def write_training_outputs(folder, config, validated, summary, trainer, submissi
     if submission is not None:
         write_csv(folder / SUBMISSION_FILE, submission)
     calibration = validated["calibration"]
-    figures = {"Training curves": (CURVES_FILE, plot_training_curves(validated["history"], config.METRIC,
+    figures = {"Training curves": (CURVES_FILE, plot_training_curves(validated["history"], metric=config.METRIC,
                                                                      best_epoch=validated["best_epoch"]))}
     if validated["step_log"]:
         figures["Training steps"] = (None, plot_training_steps(validated["step_log"]))

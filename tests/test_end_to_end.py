@@ -25,6 +25,7 @@ def test_the_default_recipe_trains_the_packaged_model_and_writes_the_submission(
          "--test", str(ROOT / "data" / "test.csv")],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env())
     assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.csv"]  # nothing written beside the outputs
     assert "all-MiniLM-L6-v2" in run.stdout and "device: cpu" in run.stdout and "precision: " in run.stdout
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
