@@ -105,6 +105,7 @@ from runtime import (
     autocast_context,
     choose_device,
     choose_precision,
+    device_errors,
     file_errors,
     finish_distributed,
     gather_objects,
@@ -1289,7 +1290,8 @@ class Trainer:
         self._run, self.history, self.step_log, self.best_epoch = run, run.history, run.step_log, None
         try:
             with OutputFolder.held(config.OUTPUT_DIR, is_output_name, writer=self.rank == 0), \
-                    self._tensorboard() as tensorboard, on_stop_signals(self._on_stop_signal):
+                    self._tensorboard() as tensorboard, on_stop_signals(self._on_stop_signal), \
+                    device_errors(self.device):
                 if resume is not None:
                     self._restore(run, load_checkpoint(resume))  # the loaded dict is dropped once restored
                     print(f"Resuming at epoch {run.epoch}, optimizer step {run.step} of {total_steps}.")
@@ -1595,7 +1597,7 @@ class Trainer:
         self.model.eval()
         order, chunks = [], []
         for rows, inputs in self._batches_in_length_order(dataset, range(self.rank, len(dataset), self.world_size)):
-            with self.autocast:
+            with self.autocast, device_errors(self.device):
                 chunks.append(self.model(**inputs).logits.float().cpu())
             order += rows
         logits = torch.empty(len(dataset), len(self.label_names))
@@ -2198,6 +2200,7 @@ def write_training_outputs(folder, config, validated, summary, trainer, submissi
     metrics, label_names = validated["test"], validated["label_names"]
     save_torch(validated["best_state"], folder / BEST_WEIGHTS_FILE)
     trainer.save_pretrained(folder / MODEL_DIR_NAME)
+    (folder / MODEL_DIR_NAME / "README.md").write_text(model_card(config, validated, summary), encoding="utf-8")
     write_csv(folder / HISTORY_FILE, pd.DataFrame(validated["history"]))
     write_csv(folder / STEPS_FILE, pd.DataFrame(validated["step_log"]))
     errors = pd.DataFrame(validated["errors"], columns=ERRORS_COLUMNS)
@@ -2246,6 +2249,80 @@ def write_training_outputs(folder, config, validated, summary, trainer, submissi
          "Per class (test split)": per_class_frame(metrics["report"], label_names),
          "History": pd.DataFrame(validated["history"])})
     (folder / REPORT_FILE).write_text(page, encoding="utf-8")
+
+
+def model_card(config, validated, summary):
+    """The model folder's README.md, as Hugging Face model cards are: what it classifies, how well
+    on held-out rows, what it was trained on and how, how to load it, and its limits; so that a
+    folder copied to a Kaggle dataset or a hub explains itself."""
+    metrics, calibration, model = validated["test"], validated["calibration"], summary["submission_model"]
+    metric = config.METRIC
+    labels = ", ".join(f"`{name}`" for name in validated["label_names"][:40])
+    more = f" and {len(validated['label_names']) - 40} more" if len(validated["label_names"]) > 40 else ""
+    settings = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in summary["config"].items())
+    threshold = calibration["decision_threshold"]
+    decision = ("the likeliest label" if threshold is None else f"`{validated['label_names'][1]}` when its "
+                f"probability is at least {threshold:.3f} (tuned on the validation split; pipeline() takes the "
+                "likeliest label instead)")
+    refit = "score" in model
+    scored = "the validated model (the run that chose the epochs)" if refit else "this model"
+    refit_note = ("\nThis folder holds the refit: a model trained the same way, for the same epochs, on every "
+                  "labelled row; its own score cannot be measured, since no labelled rows are left.\n" if refit else "")
+    return f"""---
+library_name: transformers
+pipeline_tag: text-classification
+tags: [text-classification, full_finetune]
+---
+
+# Text classifier: {len(validated['label_names'])} labels
+
+Fine-tuned from `{config.MODEL_NAME}` by full_finetune.py on `{Path(config.DATA_PATH).name}`: trained on
+{model['trained_on']} ({model['rows']} rows) for {model['epochs']} epochs.
+
+## Labels
+
+{labels}{more}
+
+## Scores on held-out rows
+
+On the {sum(map(sum, metrics['confusion_matrix']))} rows of the test split, never trained on, {scored} scored:
+
+| metric | value |
+| --- | --- |
+| {METRIC_TITLES[metric]} (the metric it was chosen by) | {metrics[metric]:.4f} |
+| accuracy | {metrics['accuracy']:.4f} |
+| macro F1 | {metrics['macro_f1']:.4f} |
+| log loss | {metrics['log_loss']:.4f} |
+{refit_note}
+Its probabilities are calibrated: the logits are divided by a temperature of {calibration['temperature']:.3f},
+fitted on the validation split (log loss there {calibration['log_loss_before']:.4f} before,
+{calibration['log_loss_after']:.4f} after). A prediction is {decision}.
+
+## Use
+
+```python
+from transformers import pipeline
+classify = pipeline("text-classification", model="path/to/this/folder", trust_remote_code=True)
+classify(["how much is the blue sofa?"], truncation=True)
+```
+
+`trust_remote_code=True` lets transformers run `modeling_mean_pooling.py` from this folder, the head
+this model was trained with, when `config.json` names it in `auto_map`; it needs only torch and
+transformers. Texts longer than {config.MAX_LENGTH} tokens are cut, as in training
+(`TRUNCATION` = `{config.TRUNCATION}`).
+
+## Limits
+
+It knows only the labels above, and was fit to the texts of its training file: texts unlike them
+(another language, another domain, a new intent) get one of these labels all the same, often with
+high confidence. Check its mistakes on your own data before you rely on it.
+
+## Training settings
+
+| setting | value |
+| --- | --- |
+{settings}
+"""
 
 
 def require_same_labels(trainer, label_names, model_dir, first_dir):

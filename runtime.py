@@ -108,6 +108,19 @@ def choose_precision(setting, device):
     return asked, "as asked"
 
 
+@contextlib.contextmanager
+def device_errors(device):
+    """What the device cannot run, told in one sentence with the way out: Apple's MPS lacks some
+    operations that CUDA and the CPU have."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as err:
+        if device.type != "mps" or isinstance(err, torch.OutOfMemoryError):
+            raise
+        first_line = str(err).strip().splitlines()[0].rstrip(".")
+        raise FinetuneError(f"Apple's MPS could not run this ({first_line}); run again with --device cpu.") from None
+
+
 def pins_memory(device):
     """Whether batches go through pinned host memory: on a CUDA GPU, where it lets the copy to the
     device overlap compute (elsewhere non_blocking copies gain nothing from it)."""

@@ -36,6 +36,10 @@ def test_a_run_writes_every_output_and_no_leftovers(trained_run):
         assert (trained_run / name).stat().st_size > 0, name
     assert (trained_run / "full_finetune_model" / "config.json").is_file()
     assert (trained_run / "full_finetune_model" / "modeling_mean_pooling.py").is_file()
+    card = (trained_run / "full_finetune_model" / "README.md").read_text()  # the model card
+    for fact in ("`delivery`, `price`, `refund`", "trust_remote_code=True", "rows of the test split",
+                 "every labelled row", "| `LEARNING_RATE` | `0.001` |", "## Limits", "pipeline_tag: text-classification"):
+        assert fact in card, fact
     hidden = {p.name for p in trained_run.iterdir() if p.name.startswith(".")}
     assert hidden == {OWNER_FILE, LOCK_FILE}  # no temporary or staging folder left
     assert sorted(json.loads((trained_run / OWNER_FILE).read_text())["published"]) == sorted(
@@ -502,7 +506,8 @@ def test_the_report_holds_the_metrics_pairs_errors_and_embedded_figures(trained_
                     "Most confused pairs (test split)", "Most confident mistakes", "Per class (test split)", "History"):
         assert f"<h2>{heading}" in page, heading
     assert f"{metrics['test']['accuracy']:.4f}" in page
-    assert page.count("data:image/png;base64,") == 4 and "<h2>Reliability (validation split)" in page and "src='http" not in page and 'src="http' not in page
+    assert page.count("data:image/png;base64,") == 4 and "<h2>Reliability (validation split)" in page
+    assert "src='http" not in page and 'src="http' not in page
 
 
 def test_the_report_renders_in_a_real_browser(trained_run, tmp_path):
