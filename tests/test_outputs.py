@@ -38,7 +38,8 @@ def test_a_run_writes_every_output_and_no_leftovers(trained_run):
     assert (trained_run / "full_finetune_model" / "modeling_mean_pooling.py").is_file()
     card = (trained_run / "full_finetune_model" / "README.md").read_text()  # the model card
     for fact in ("`delivery`, `price`, `refund`", "trust_remote_code=True", "rows of the test split",
-                 "every labelled row", "| `LEARNING_RATE` | `0.001` |", "## Limits", "pipeline_tag: text-classification"):
+                 "every labelled row", "| `LEARNING_RATE` | `0.001` |", "## Limits",
+                 "pipeline_tag: text-classification"):
         assert fact in card, fact
     hidden = {p.name for p in trained_run.iterdir() if p.name.startswith(".")}
     assert hidden == {OWNER_FILE, LOCK_FILE}  # no temporary or staging folder left
