@@ -162,6 +162,9 @@ def is_output_name(name):
 PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 CHECKPOINT_FORMAT = 3
 SKIPPED_STEPS_LIMIT = 30  # fp16 steps skipped in a row before the run is declared diverged
+# COMPILE "auto" compiles runs of at least this many optimizer steps: below, the compile time is
+# not repaid (bench/RESULTS.md, "torch.compile").
+COMPILE_FROM_STEPS = 2000
 FOCUS_FROM_CLASSES = 25  # above this many classes, the confusions get a figure of their own
 
 
@@ -1278,8 +1281,13 @@ class Trainer:
         steps_per_epoch = math.ceil(len(sampler) / config.GRADIENT_ACCUMULATION_STEPS)
         total_steps = steps_per_epoch * config.EPOCHS
         trained = [p for p in self.model.parameters() if p.requires_grad]
+        model = for_processes(self.model, self.device, self.world_size)
+        if compiles(config, total_steps, self.device):  # the training forward and backward only
+            print(f"Compiling the model for {total_steps} optimizer steps (torch.compile; the first steps wait "
+                  "for it).")
+            model = torch.compile(model, dynamic=True)
         run = TrainingRun(
-            model=for_processes(self.model, self.device, self.world_size), sampler=sampler,
+            model=model, sampler=sampler,
             optimizer=build_optimizer(self.model, config, self.device),
             scaler=torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"),
             ema=EMA(trained, config.EMA_DECAY) if config.EMA_DECAY else None,
@@ -1314,7 +1322,9 @@ class Trainer:
                     train_stats = self._train_epoch(run, loader, tensorboard)
                     # What is validated, and kept when best, is the weight average.
                     with run.ema.swapped_in() if run.ema else contextlib.nullcontext():
+                        started = time.perf_counter()
                         val = None if val_dataset is None else self.evaluate(val_dataset)
+                        train_stats["val_seconds"] = round(time.perf_counter() - started, 2)
                         record = self._epoch_record(run, train_stats, val)
                         score = None if val is None else record[f"val_{config.METRIC}"]
                         improved = run.stopping.update(run.epoch, score, self.model)
@@ -1462,7 +1472,7 @@ class Trainer:
         return {"epoch": run.epoch, "train_loss": train_stats["train_loss"],
                 "train_accuracy": train_stats["train_accuracy"], **{f"val_{key}": val[key] for key in scores},
                 "lr": self.learning_rate(run.step, run), "seconds": train_stats["seconds"],
-                "samples_per_second": train_stats["samples_per_second"]}
+                "samples_per_second": train_stats["samples_per_second"], "val_seconds": train_stats["val_seconds"]}
 
     def _report_epoch(self, run, record, improved, tensorboard):
         metric = self.config.METRIC
@@ -1657,6 +1667,15 @@ class Trainer:
         with quiet_transformers():
             self.model.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
+
+
+def compiles(config, total_steps, device):
+    """Whether fit compiles the model (COMPILE): never with adversarial training (its hook would
+    not run in a compiled graph), and on "auto" only for a CPU or CUDA run long enough to repay
+    the compile time."""
+    if config.COMPILE == "no" or config.ADVERSARIAL_EPSILON:
+        return False
+    return config.COMPILE == "yes" or (device.type in ("cpu", "cuda") and total_steps >= COMPILE_FROM_STEPS)
 
 
 def for_processes(model, device, world_size):
@@ -2055,7 +2074,7 @@ def run_training(config, resume=None):
     refit resumes there.
     """
     config.validate()
-    rank = launched_rank()
+    rank, laps = launched_rank(), Laps()
     with OutputFolder.held(config.OUTPUT_DIR, is_output_name, writer=rank == 0) as output:
         data = load_data(config)
         # Read (and refuse) the test file and the sample submission now, not after an hour of training.
@@ -2066,7 +2085,7 @@ def run_training(config, resume=None):
         validated = read_validated(validated_path, config, data) if resume is not None else None
         if validated is None:
             validated_path.unlink(missing_ok=True)  # an earlier run's, never to be mixed with this one's
-            trainer, validated = train_and_validate(config, data, test_file, resume_path(resume, output.path))
+            trainer, validated = train_and_validate(config, data, test_file, resume_path(resume, output.path), laps)
             if refit and rank == 0:  # the refit's checkpoints replace this phase's, its results stay here
                 write_atomically(validated_path, lambda tmp: save_torch(validated, tmp))
                 trainer.checkpoint_path.unlink(missing_ok=True)
@@ -2081,6 +2100,7 @@ def run_training(config, resume=None):
                 output.path / CHECKPOINT_FILE if resume == "latest" else resume)
             trainer, refit_seconds = refit_on_every_row(config, data, validated,
                                                         checkpoint if checkpoint and checkpoint.is_file() else None)
+            laps.lap("refit")
             submission_model = {"trained_on": "every labelled row (refit)", "rows": sum(map(len, (
                 data.train.texts, data.val.texts, data.test.texts))), "epochs": validated["best_epoch"],
                 "train_seconds": round(refit_seconds, 1),
@@ -2093,13 +2113,15 @@ def run_training(config, resume=None):
             submission = submission_frame(test_file[0], trainer.label_names, probabilities,
                                           decide(probabilities, trainer.threshold), sample=sample,
                                           metric=config.METRIC)
+            laps.lap("predicting the test file")
         if rank == 0:
             summary = {**{key: validated[key] for key in SUMMARY_KEYS}, "submission_model": submission_model,
-                       "config": config.to_dict()}
+                       "seconds": laps.split(validated["history"]), "config": config.to_dict()}
             output.publish(lambda folder: write_training_outputs(folder, config, validated, summary, trainer,
                                                                  submission))
             trainer.checkpoint_path.unlink(missing_ok=True)  # the finished run's outputs replace it
             validated_path.unlink(missing_ok=True)
+            laps.lap("writing the outputs")
     test_metrics = validated["test"]
     metric = config.METRIC
     print(f"Test split ({len(data.test.texts)} rows, "
@@ -2110,8 +2132,42 @@ def run_training(config, resume=None):
     if submission is not None:
         print(f"Wrote {len(submission)} predictions of {config.TEST_PATH} to {output.path / SUBMISSION_FILE}, by the "
               f"model trained on {submission_model['trained_on']} ({submission_model['rows']} rows).")
+    print(f"Time: {laps.total():.0f}s in all: " + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in
+                                                          laps.split(validated["history"]).items()) + ".")
     print(f"Outputs in {output.path}/ (open {REPORT_FILE} for the report).")
     return test_metrics
+
+
+class Laps(dict):
+    """Seconds spent in each phase of a job, in the order they ran."""
+
+    def __init__(self):
+        super().__init__()
+        self._last = time.perf_counter()
+
+    def lap(self, name):
+        """Count the time since the last lap to `name`; returns it."""
+        now, seconds = time.perf_counter(), time.perf_counter() - self._last
+        self[name] = round(self.get(name, 0.0) + seconds, 2)
+        self._last = now
+        return seconds
+
+    def total(self):
+        return sum(self.values())
+
+    def split(self, history):
+        """The phases, "training" split into the training passes, the validation passes and what
+        is left (checkpoints, set-up of the loop) by the epochs' own seconds."""
+        phases = {}
+        for name, seconds in self.items():
+            if name != "training":
+                phases[name] = seconds
+                continue
+            passes = sum(row["seconds"] for row in history)
+            validation = sum(row.get("val_seconds", 0.0) for row in history)
+            phases.update({"training": round(passes, 2), "validation": round(validation, 2),
+                           "checkpoints and other": round(seconds - passes - validation, 2)})
+        return phases
 
 
 # What metrics.json takes from the validated run (the model chosen and scored on held-out rows).
@@ -2119,7 +2175,7 @@ SUMMARY_KEYS = ("metric", "test", "calibration", "best_epoch", "epochs_run", "la
                 "precision", "precision_reason", "train_seconds")
 
 
-def train_and_validate(config, data, test_file, checkpoint):
+def train_and_validate(config, data, test_file, checkpoint, laps):
     """Fine-tune on the training split with the best epoch chosen on the validation split,
     calibrate on the validation split, score the test split. Returns the trainer and what the
     outputs need of this run (a plain dict: it is saved while a refit runs)."""
@@ -2131,9 +2187,9 @@ def train_and_validate(config, data, test_file, checkpoint):
     data_report = audit_data(train.texts + val.texts + test.texts, train.labels + val.labels + test.labels,
                              data.label_names, train.full_lengths + val.full_lengths + test.full_lengths,
                              config.MAX_LENGTH, config.TRUNCATION, None if test_file is None else test_file[1])
-    started = time.perf_counter()
+    laps.lap("data, model and audit")
     trainer.fit(train, val, resume=checkpoint)
-    train_seconds = time.perf_counter() - started
+    train_seconds = laps.lap("training")
     calibration = trainer.calibrate(trainer.predict_logits(val), val.labels)
     logits = trainer.predict_logits(test)  # calibrated: logits x temperature are the ones before
     test_metrics = score_logits(logits, test.labels, trainer.label_names, trainer.ranks, trainer.threshold)
@@ -2143,6 +2199,7 @@ def train_and_validate(config, data, test_file, checkpoint):
         test_metrics[f"ece_{when}_calibration"] = reliability(probabilities, test.labels)[0]
     errors = misclassified_rows(data.test.texts, data.test.labels, logits.softmax(-1).numpy(), trainer.label_names,
                                 trainer.threshold)
+    laps.lap("calibration and the test split")
     validated = {
         "fingerprint": validated_fingerprint(config, data), "metric": config.METRIC, "test": test_metrics,
         "calibration": calibration, "best_epoch": trainer.best_epoch, "epochs_run": len(trainer.history),

@@ -50,6 +50,8 @@ def test_a_run_writes_every_output_and_no_leftovers(trained_run):
     assert metrics["label_names"] == ["delivery", "price", "refund"]
     assert set(metrics["test"]) >= {"accuracy", "macro_f1", "weighted_f1", "report", "confusion_matrix"}
     assert metrics["device"] == "cpu" and metrics["precision"] in ("bf16", "fp32") and metrics["precision_reason"]
+    assert list(metrics["seconds"]) == ["data, model and audit", "training", "validation", "checkpoints and other",
+                                        "calibration and the test split", "refit", "predicting the test file"]
     history = pd.read_csv(trained_run / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"} <= set(history)
