@@ -103,6 +103,7 @@ from runtime import (
     OutputFolder,
     StopAgreement,
     autocast_context,
+    can_compile,
     choose_device,
     choose_precision,
     device_errors,
@@ -1671,11 +1672,11 @@ class Trainer:
 
 def compiles(config, total_steps, device):
     """Whether fit compiles the model (COMPILE): never with adversarial training (its hook would
-    not run in a compiled graph), and on "auto" only for a CPU or CUDA run long enough to repay
-    the compile time."""
+    not run in a compiled graph), and on "auto" only for a run long enough to repay the compile
+    time, on a device torch can compile for."""
     if config.COMPILE == "no" or config.ADVERSARIAL_EPSILON:
         return False
-    return config.COMPILE == "yes" or (device.type in ("cpu", "cuda") and total_steps >= COMPILE_FROM_STEPS)
+    return config.COMPILE == "yes" or (total_steps >= COMPILE_FROM_STEPS and can_compile(device))
 
 
 def for_processes(model, device, world_size):

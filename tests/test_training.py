@@ -12,6 +12,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import full_finetune
+import runtime
 from config import FinetuneError
 from conftest import NAMES, config_for, fit, labelled
 from full_finetune import build_optimizer, lr_multiplier
@@ -287,6 +288,10 @@ def test_compile_is_for_runs_long_enough_to_repay_it_and_never_with_adversarial_
     assert not full_finetune.compiles(config_for(ADVERSARIAL_EPSILON=0.5), long_run, cpu)
     assert full_finetune.compiles(config_for(COMPILE="yes"), 10, cpu)
     assert not full_finetune.compiles(config_for(COMPILE="no"), 10**6, cpu)
+    with monkeypatch.context() as patch:  # a Windows laptop without Microsoft's C++ compiler
+        patch.setattr(runtime.shutil, "which", lambda name: None)
+        assert not full_finetune.compiles(config_for(), long_run, cpu)
+        assert full_finetune.compiles(config_for(), long_run, cuda)
     with pytest.raises(FinetuneError, match="COMPILE = 'yes' and ADVERSARIAL_EPSILON cannot go together"):
         config_for(COMPILE="yes", ADVERSARIAL_EPSILON=0.5).validate()
     compiled = []
