@@ -2194,6 +2194,9 @@ def train_and_validate(config, data, test_file, checkpoint, laps):
     calibration = trainer.calibrate(trainer.predict_logits(val), val.labels)
     logits = trainer.predict_logits(test)  # calibrated: logits x temperature are the ones before
     test_metrics = score_logits(logits, test.labels, trainer.label_names, trainer.ranks, trainer.threshold)
+    if trainer.threshold is not None:  # what the tuned threshold bought, against the likeliest class
+        test_metrics[f"{config.METRIC}_at_threshold_0.5"] = metric_value(
+            config.METRIC, test.labels, logits.softmax(-1).numpy(), logits.argmax(-1).numpy(), trainer.ranks)
     for when, values in (("before", logits * calibration["temperature"]), ("after", logits)):
         probabilities = values.softmax(-1).numpy()
         test_metrics[f"log_loss_{when}_calibration"] = metric_value("log_loss", test.labels, probabilities, None)

@@ -146,7 +146,7 @@ def test_a_binary_run_tunes_its_threshold_and_every_prediction_uses_it(tmp_path,
                                             "--test", str(test), "--no-refit")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     threshold = metrics["calibration"]["decision_threshold"]
-    assert threshold is not None and 0 <= threshold <= 1
+    assert threshold is not None and 0 <= threshold <= 1 and "macro_f1_at_threshold_0.5" in metrics["test"]
     folder = out / "full_finetune_model"
     assert json.loads((folder / "config.json").read_text())["decision_threshold"] == threshold
     reloaded = Trainer.from_pretrained(folder, progress=False)
