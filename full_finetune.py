@@ -1,7 +1,7 @@
 """Full-parameter fine-tuning of a BERT-family text classifier for buyer-intent prediction.
 
     python full_finetune.py                        # train on data/train.csv with config.py's settings
-    python full_finetune.py --data train.csv --test test.csv    # ... and write submission.csv
+    python full_finetune.py --data train.csv --test test.csv    # ... refit on every row, write submission.csv
     python full_finetune.py --preset bert_base --epochs 3
     python full_finetune.py --resume               # continue an interrupted run
     python full_finetune.py cv --folds 5 --test data/test.csv   # fold ensemble and label issues
@@ -15,16 +15,19 @@ The file reads top-down, each part using only what is above it:
                        batching, the data audit
     3. model           resolving MODEL_NAME, loading, the head and the model-side settings
     4. training parts  optimizer groups, the schedule, class weights, EMA, FGM, early stopping
-    5. Trainer         set-up, fit and its epoch (the loop), checkpoints, evaluation, prediction
-    6. reporting       metrics, confusions, mistakes, figures, report.html, label issues
-    7. commands        train, predict, evaluate, cv; the flags; main()
+    5. scoring         the competition's metric, calibration by temperature, the decision threshold
+    6. Trainer         set-up, fit and its epoch (the loop), checkpoints, evaluation, prediction
+    7. reporting       confusions, mistakes, figures, report.html, the model card, submissions
+    8. commands        train (with its refit), predict, evaluate, cv; the flags; main()
 Plumbing that is not about learning (devices and precision, torchrun, stop signals, files, the
 output folder) lives in runtime.py.
 
 The default recipe (config.py) fine-tunes every weight of all-MiniLM-L6-v2 except its
 word-embedding table. Features, and what each costs:
+- Data read exactly as written (every cell is text; only an empty cell is missing).
 - Tokenise once, pad per batch: texts are tokenised when the dataset is built and each batch is
-  padded only to its own longest text (memory: the token ids of the data set).
+  padded only to its own longest text (memory: the token ids of the data set). A text longer
+  than MAX_LENGTH keeps its head, its tail or both (TRUNCATION).
 - Length-grouped batches (GROUP_BY_LENGTH): pools of 50 shuffled batches are sorted by length,
   cut into batches and the batches shuffled: little padding, the same random mix; costs nothing.
 - Mixed precision chosen once per device, and said why: native bf16 (CPUs with AVX512-BF16 or
@@ -46,11 +49,21 @@ word-embedding table. Features, and what each costs:
   weights, validated and kept instead of the raw ones (one more copy of the weights, ~3% of a
   step); adversarial training, FGM (ADVERSARIAL_EPSILON: a second forward and backward pass per
   batch, ~2x the time).
-- Validation every epoch, early stopping on EARLY_STOPPING_METRIC, the best epoch's weights kept
-  (one copy in CPU memory) and restored at the end.
+- torch.compile of the training model (COMPILE "auto": runs of COMPILE_FROM_STEPS steps or more,
+  where the compile time is repaid; about a minute or two of compiling on a CPU).
+- Validation every epoch, early stopping on the competition's METRIC, the best epoch's weights
+  kept (one copy in CPU memory) and restored at the end.
+- After training: a temperature fitted on the validation split, folded into the model so that
+  every prediction is calibrated (free); for two classes and a metric of decisions, a decision
+  threshold tuned there (free).
+- With TEST_PATH and REFIT, a fresh model trained on every labelled row for the chosen epochs
+  writes the submission (about the training time once more); a competition's sample submission
+  sets its format (SAMPLE_SUBMISSION).
 - A per-step log every LOG_EVERY_STEPS optimizer steps (loss, learning rate, gradient norm,
   tokens/s: one host sync each time) in steps.csv and, with REPORT_TO "tensorboard", TensorBoard.
 - A data audit before training: balance, token lengths, duplicates, conflicting labels.
+- Where the time went (data and model, training, validation, checkpoints, calibration, refit,
+  predicting, writing), in the console and metrics.json.
 - Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about 3.4 times the
   weights with the default recipe); SIGINT/SIGTERM finish the step, save and exit.
 - Outputs are written into a staging folder and replace the last run's set together once the run
@@ -60,12 +73,16 @@ word-embedding table. Features, and what each costs:
   from every rank, a stop request agreed one step after it arrives.
 
 Refused up front, with one sentence (FinetuneError) and exit status 2: a setting of the wrong type
-or out of range (config.validate), MAX_LENGTH above the model's limit, a device torch does not
+or out of range, or settings that cannot go together (config.validate: COMPILE "yes" with FGM, the
+same column for texts and labels), MAX_LENGTH above the model's limit, a device torch does not
 have, an output folder that cannot be written, holds files this program did not write or is in
-use by another run, a data or test file that is missing, not UTF-8, lacks the configured columns,
-or has a class too small to appear in every split, a model that is neither a local folder, the
-packaged offline model nor reachable on the hub, and a resume whose settings, labels, precision
-or number of processes differ from the checkpoint's. fp16 needs a GPU: asked for on a CPU, the run
+use by another run, a data or test file that is missing, not a regular file, not UTF-8, lacks the
+configured columns or names one twice, or has a class too small to appear in every split, a
+sample submission whose ids or classes are not the test file's and the data's, qwk without an
+order of the labels, a model that is neither a local folder, the packaged offline model nor
+reachable on the hub, a tokenizer that is not the model's, a model folder with code of its own
+or pickled weights, and a resume whose settings, labels, data, starting model, precision or
+number of processes differ from the checkpoint's. fp16 needs a GPU: asked for on a CPU, the run
 says so and uses bf16 (or fp32). `cv` runs in one process.
 
 Importing this module has no side effects; `main(argv)` is the only place that parses arguments
@@ -1009,7 +1026,7 @@ class TrainingRun:
 
 
 # --------------------------------------------------------------------------------------------
-# 4b. Scoring: the competition's metric, calibration, the decision threshold
+# 5. Scoring: the competition's metric, calibration, the decision threshold
 # --------------------------------------------------------------------------------------------
 
 # Whether a higher value is better, per METRIC (config.METRIC_NAMES).
@@ -1173,7 +1190,7 @@ def apply_temperature(model, temperature):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. The Trainer
+# 6. The Trainer
 # --------------------------------------------------------------------------------------------
 
 class Trainer:
@@ -1751,7 +1768,7 @@ def check_resumable(checkpoint, config, label_names, world_size, precision, fing
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Reporting: metrics, confusions, errors, plots, report.html, label issues
+# 7. Reporting: confusions, errors, plots, report.html, label issues, the model card, submissions
 # --------------------------------------------------------------------------------------------
 
 def confused_pairs_text(pairs):
@@ -2053,8 +2070,82 @@ def sample_format(sample, ids, label_names, probabilities, predictions, metric):
     return frame
 
 
+def model_card(config, validated, summary):
+    """The model folder's README.md, as Hugging Face model cards are: what it classifies, how well
+    on held-out rows, what it was trained on and how, how to load it, and its limits; so that a
+    folder copied to a Kaggle dataset or a hub explains itself."""
+    metrics, calibration, model = validated["test"], validated["calibration"], summary["submission_model"]
+    metric = config.METRIC
+    labels = ", ".join(f"`{name}`" for name in validated["label_names"][:40])
+    more = f" and {len(validated['label_names']) - 40} more" if len(validated["label_names"]) > 40 else ""
+    settings = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in summary["config"].items())
+    threshold = calibration["decision_threshold"]
+    decision = ("the likeliest label" if threshold is None else f"`{validated['label_names'][1]}` when its "
+                f"probability is at least {threshold:.3f} (tuned on the validation split; pipeline() takes the "
+                "likeliest label instead)")
+    refit = "score" in model
+    scored = "the validated model (the run that chose the epochs)" if refit else "this model"
+    refit_note = ("\nThis folder holds the refit: a model trained the same way, for the same epochs, on every "
+                  "labelled row; its own score cannot be measured, since no labelled rows are left.\n" if refit else "")
+    return f"""---
+library_name: transformers
+pipeline_tag: text-classification
+tags: [text-classification, full_finetune]
+---
+
+# Text classifier: {len(validated['label_names'])} labels
+
+Fine-tuned from `{config.MODEL_NAME}` by full_finetune.py on `{Path(config.DATA_PATH).name}`: trained on
+{model['trained_on']} ({model['rows']} rows) for {model['epochs']} epochs.
+
+## Labels
+
+{labels}{more}
+
+## Scores on held-out rows
+
+On the {sum(map(sum, metrics['confusion_matrix']))} rows of the test split, never trained on, {scored} scored:
+
+| metric | value |
+| --- | --- |
+| {METRIC_TITLES[metric]} (the metric it was chosen by) | {metrics[metric]:.4f} |
+| accuracy | {metrics['accuracy']:.4f} |
+| macro F1 | {metrics['macro_f1']:.4f} |
+| log loss | {metrics['log_loss']:.4f} |
+{refit_note}
+Its probabilities are calibrated: the logits are divided by a temperature of {calibration['temperature']:.3f},
+fitted on the validation split (log loss there {calibration['log_loss_before']:.4f} before,
+{calibration['log_loss_after']:.4f} after). A prediction is {decision}.
+
+## Use
+
+```python
+from transformers import pipeline
+classify = pipeline("text-classification", model="path/to/this/folder", trust_remote_code=True)
+classify(["how much is the blue sofa?"], truncation=True)
+```
+
+`trust_remote_code=True` lets transformers run `modeling_mean_pooling.py` from this folder, the head
+this model was trained with, when `config.json` names it in `auto_map`; it needs only torch and
+transformers. Texts longer than {config.MAX_LENGTH} tokens are cut, as in training
+(`TRUNCATION` = `{config.TRUNCATION}`).
+
+## Limits
+
+It knows only the labels above, and was fit to the texts of its training file: texts unlike them
+(another language, another domain, a new intent) get one of these labels all the same, often with
+high confidence. Check its mistakes on your own data before you rely on it.
+
+## Training settings
+
+| setting | value |
+| --- | --- |
+{settings}
+"""
+
+
 # --------------------------------------------------------------------------------------------
-# 7. Commands: train (with --test), predict, evaluate, cv, and main(argv)
+# 8. Commands: train (with --test and its refit), predict, evaluate, cv, and main(argv)
 # --------------------------------------------------------------------------------------------
 
 def resume_path(resume, output_dir):
@@ -2314,80 +2405,6 @@ def write_training_outputs(folder, config, validated, summary, trainer, submissi
          "Per class (test split)": per_class_frame(metrics["report"], label_names),
          "History": pd.DataFrame(validated["history"])})
     (folder / REPORT_FILE).write_text(page, encoding="utf-8")
-
-
-def model_card(config, validated, summary):
-    """The model folder's README.md, as Hugging Face model cards are: what it classifies, how well
-    on held-out rows, what it was trained on and how, how to load it, and its limits; so that a
-    folder copied to a Kaggle dataset or a hub explains itself."""
-    metrics, calibration, model = validated["test"], validated["calibration"], summary["submission_model"]
-    metric = config.METRIC
-    labels = ", ".join(f"`{name}`" for name in validated["label_names"][:40])
-    more = f" and {len(validated['label_names']) - 40} more" if len(validated["label_names"]) > 40 else ""
-    settings = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in summary["config"].items())
-    threshold = calibration["decision_threshold"]
-    decision = ("the likeliest label" if threshold is None else f"`{validated['label_names'][1]}` when its "
-                f"probability is at least {threshold:.3f} (tuned on the validation split; pipeline() takes the "
-                "likeliest label instead)")
-    refit = "score" in model
-    scored = "the validated model (the run that chose the epochs)" if refit else "this model"
-    refit_note = ("\nThis folder holds the refit: a model trained the same way, for the same epochs, on every "
-                  "labelled row; its own score cannot be measured, since no labelled rows are left.\n" if refit else "")
-    return f"""---
-library_name: transformers
-pipeline_tag: text-classification
-tags: [text-classification, full_finetune]
----
-
-# Text classifier: {len(validated['label_names'])} labels
-
-Fine-tuned from `{config.MODEL_NAME}` by full_finetune.py on `{Path(config.DATA_PATH).name}`: trained on
-{model['trained_on']} ({model['rows']} rows) for {model['epochs']} epochs.
-
-## Labels
-
-{labels}{more}
-
-## Scores on held-out rows
-
-On the {sum(map(sum, metrics['confusion_matrix']))} rows of the test split, never trained on, {scored} scored:
-
-| metric | value |
-| --- | --- |
-| {METRIC_TITLES[metric]} (the metric it was chosen by) | {metrics[metric]:.4f} |
-| accuracy | {metrics['accuracy']:.4f} |
-| macro F1 | {metrics['macro_f1']:.4f} |
-| log loss | {metrics['log_loss']:.4f} |
-{refit_note}
-Its probabilities are calibrated: the logits are divided by a temperature of {calibration['temperature']:.3f},
-fitted on the validation split (log loss there {calibration['log_loss_before']:.4f} before,
-{calibration['log_loss_after']:.4f} after). A prediction is {decision}.
-
-## Use
-
-```python
-from transformers import pipeline
-classify = pipeline("text-classification", model="path/to/this/folder", trust_remote_code=True)
-classify(["how much is the blue sofa?"], truncation=True)
-```
-
-`trust_remote_code=True` lets transformers run `modeling_mean_pooling.py` from this folder, the head
-this model was trained with, when `config.json` names it in `auto_map`; it needs only torch and
-transformers. Texts longer than {config.MAX_LENGTH} tokens are cut, as in training
-(`TRUNCATION` = `{config.TRUNCATION}`).
-
-## Limits
-
-It knows only the labels above, and was fit to the texts of its training file: texts unlike them
-(another language, another domain, a new intent) get one of these labels all the same, often with
-high confidence. Check its mistakes on your own data before you rely on it.
-
-## Training settings
-
-| setting | value |
-| --- | --- |
-{settings}
-"""
 
 
 def require_same_labels(trainer, label_names, model_dir, first_dir):
