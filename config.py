@@ -199,8 +199,8 @@ SETTINGS = (
     # Where and on what
     Setting("OUTPUT_DIR", "outputs", PATH, "--output-dir", "folder for the model, metrics and plots",
             may_change_on_resume=True),
-    Setting("DEVICE", "auto", TEXT, "--device", "auto (cuda when available, else cpu), cpu, cuda or cuda:N",
-            may_change_on_resume=True),
+    Setting("DEVICE", "auto", TEXT, "--device",
+            "auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps", may_change_on_resume=True),
 )
 
 SETTING_BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -1253,6 +1253,8 @@ class Trainer:
         config = (config if config is not None else FullFinetuneConfig()).copy()
         config.MODEL_NAME = str(model_dir)
         config.POOLING, config.COSINE_HEAD_SCALE = head_of(model)
+        for name, value in getattr(model.config, "full_finetune_settings", {}).items():
+            setattr(config, name, value)
         # Our folders' tokenizers keep the MAX_LENGTH the model was trained with.
         config.MAX_LENGTH = token_limit(model, tokenizer) or config.MAX_LENGTH
         return cls(config, model=model, tokenizer=tokenizer, progress=progress)
@@ -1677,14 +1679,21 @@ class Trainer:
     def save_pretrained(self, directory):
         """Model, tokenizer and label names in a folder that transformers loads on its own: the
         mean-pooling head's code goes with it, named in config.json's auto_map."""
-        # The tokenizer keeps MAX_LENGTH, so that predict and pipeline() truncate as training did;
-        # the config the metric the model was chosen by (a sample submission's format may depend on it).
+        # The tokenizer keeps MAX_LENGTH and cuts from the side training did (pipeline() keeps a
+        # text's tail for TRUNCATION "tail"; "head_tail" only predict can do); the config keeps
+        # what a later predict or evaluate must know of the run (SAVED_SETTINGS).
         self.tokenizer.model_max_length = self.config.MAX_LENGTH
-        self.model.config.competition_metric = self.config.METRIC
+        self.tokenizer.truncation_side = "left" if self.config.TRUNCATION == "tail" else "right"
+        self.model.config.full_finetune_settings = {name: getattr(self.config, name) for name in SAVED_SETTINGS}
         register_mean_pooling_head()
         with quiet_transformers():
             self.model.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
+
+
+# What a saved model folder keeps of its run's settings, for predict and evaluate: how texts were
+# cut, and the metric the model was chosen by (and the labels' order for it).
+SAVED_SETTINGS = ("TRUNCATION", "METRIC", "LABEL_ORDER")
 
 
 def compiles(config, total_steps, device):
@@ -2011,17 +2020,35 @@ def submission_frame(ids, label_names, probabilities, predictions, with_probabil
     return with_probability_columns(submission, label_names, probabilities) if with_probabilities else submission
 
 
-def read_sample_submission(path, test_file=None):
+def read_sample_submission(path, test_file=None, label_names=None):
     """A competition's sample_submission.csv, read as written: an id column first, then one label
     column, or one probability column per class. With the test file (ids, texts), its ids must
-    be the sample's (in any order), or, when it has no id column, its rows as many."""
+    be the sample's (in any order), or, when it has no id column, its rows as many; with the
+    training labels, its class columns must be them."""
     frame = read_csv_checked(path, read_header(path), "")
     if len(frame.columns) < 2:
         raise FinetuneError(f"The sample submission {path} has a single column; it needs the id column and "
                             "the label (or one probability per class) columns.")
     if test_file is not None:
         sample_rows(frame, test_file[0], path)
+    if label_names is not None:
+        check_sample_columns(frame, label_names)
     return frame
+
+
+def check_sample_columns(sample, label_names):
+    """A sample with more than one column after the ids has one probability column per label."""
+    columns = list(sample.columns[1:])
+    if len(columns) == 1:
+        return
+    unknown = [column for column in columns if column not in label_names]
+    if unknown:
+        raise FinetuneError(f"The sample submission's columns {name_list(unknown, 3)} name no label of the training "
+                            f"data ({name_list(label_names, 5)}); its class columns must be the labels.")
+    absent = [name for name in label_names if name not in columns]
+    if absent:
+        raise FinetuneError(f"The training labels {name_list(absent, 3)} have no column in the sample submission; "
+                            "a probability submission needs one column per label.")
 
 
 def sample_rows(sample, ids, path="the sample submission"):
@@ -2057,14 +2084,7 @@ def sample_format(sample, ids, label_names, probabilities, predictions, metric):
         else:
             values = [label_names[predictions[row]] for row in rows]
         return pd.DataFrame({id_column: sample[id_column], columns[0]: values})
-    unknown = [column for column in columns if column not in label_names]
-    if unknown:
-        raise FinetuneError(f"The sample submission's columns {name_list(unknown, 3)} name no label of the training "
-                            f"data ({name_list(label_names, 5)}); its class columns must be the labels.")
-    absent = [name for name in label_names if name not in columns]
-    if absent:
-        raise FinetuneError(f"The training labels {name_list(absent, 3)} have no column in the sample submission; "
-                            "a probability submission needs one column per label.")
+    check_sample_columns(sample, label_names)
     frame = pd.DataFrame(probabilities[:, [label_names.index(c) for c in columns]], columns=columns)
     frame.insert(0, id_column, sample[id_column].to_numpy())
     return frame
@@ -2171,7 +2191,8 @@ def run_training(config, resume=None):
         data = load_data(config)
         # Read (and refuse) the test file and the sample submission now, not after an hour of training.
         test_file = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else None
-        sample = read_sample_submission(config.SAMPLE_SUBMISSION, test_file) if config.SAMPLE_SUBMISSION else None
+        sample = (read_sample_submission(config.SAMPLE_SUBMISSION, test_file, data.label_names)
+                  if config.SAMPLE_SUBMISSION else None)
         refit = config.REFIT and test_file is not None
         validated_path = output.path / VALIDATED_FILE
         validated = read_validated(validated_path, config, data) if resume is not None else None
@@ -2432,7 +2453,7 @@ def run_predict(model_dirs, input_path, output_path, text_column="text", with_pr
         thresholds.append(trainer.threshold)
     threshold = None if None in thresholds else float(np.mean(thresholds))
     submission = submission_frame(ids, label_names, probabilities, decide(probabilities, threshold),
-                                  with_probabilities, sample, getattr(trainer.model.config, "competition_metric", None))
+                                  with_probabilities, sample, trainer.config.METRIC)
     write_user_file(output_path, lambda path: write_csv(path, submission),
                     [("the input file", input_path), ("the sample submission", sample_path)])
     print(f"Wrote {len(submission)} predictions of {', '.join(map(str, model_dirs))} to {output_path}.")
@@ -2453,8 +2474,8 @@ def run_evaluate(model_dir, input_path, text_column="text", label_column="label"
                             f"it knows {name_list(trainer.label_names)}.")
     labels = [known[str(label)] for label in raw_labels]
     logits = trainer.predict_logits(trainer.dataset(Split(texts, labels)))
-    metrics = score_logits(logits, labels, trainer.label_names)
-    errors = misclassified_rows(texts, labels, logits.softmax(-1).numpy(), trainer.label_names)
+    metrics = score_logits(logits, labels, trainer.label_names, trainer.ranks, trainer.threshold)
+    errors = misclassified_rows(texts, labels, logits.softmax(-1).numpy(), trainer.label_names, trainer.threshold)
     print(f"{len(texts)} rows of {input_path}: accuracy {metrics['accuracy']:.4f}, macro F1 "
           f"{metrics['macro_f1']:.4f}, weighted F1 {metrics['weighted_f1']:.4f}.")
     print(f"Most confused (true -> predicted): {confused_pairs_text(metrics['most_confused'])}.")
@@ -2609,7 +2630,7 @@ def cross_validate(config, output):
     check_metric(config.METRIC, label_names, config.LABEL_ORDER)
     ranks = label_ranks(label_names, config.LABEL_ORDER)
     test_ids, test_texts = read_test_file(config.TEST_PATH, config.TEXT_COLUMN) if config.TEST_PATH else (None, None)
-    sample = (read_sample_submission(config.SAMPLE_SUBMISSION, (test_ids, test_texts))
+    sample = (read_sample_submission(config.SAMPLE_SUBMISSION, (test_ids, test_texts), label_names)
               if config.SAMPLE_SUBMISSION and test_texts is not None else None)
     fold_of_row = stratified_folds(label_ids, config.N_FOLDS, config.SEED, label_names)
     lengths = BuyerIntentDataset(texts, None, load_tokenizer(config.MODEL_NAME), config.MAX_LENGTH,
