@@ -149,6 +149,28 @@ def new_trainer(tokenizer, tmp_path):
     return make
 
 
+def overflow_and_record(trainer, overflowing):
+    """Make the gradients of the given windows (counted from 1) infinite, as an fp16 overflow
+    does (their loss stays finite), and record after every optimizer step: the steps taken so far,
+    whether this one was taken, the learning rate of the next, the weight average's first tensor
+    and the classifier's weight. Returns the record, a dict of lists."""
+    record = {"steps": [], "taken": [], "learning_rates": [], "averages": [], "head": []}
+    window = {"now": 1}
+    head = trainer.model.classifier.weight
+    head.register_hook(lambda grad: grad * float("inf") if window["now"] in overflowing else grad)
+
+    def after_step(run):
+        window["now"] += 1
+        record["steps"].append(run.step)
+        record["taken"].append(run.stepped)
+        record["learning_rates"].append(trainer.learning_rate(run.step, run))
+        record["averages"].append(run.ema.average[0].clone())
+        record["head"].append(head.detach().clone())
+
+    trainer.step_hooks.append(after_step)
+    return record
+
+
 def fit(trainer, train, val=None):
     """Train on the Split `train`, validating on `val` (default: the same rows); returns the trainer."""
     dataset = trainer.dataset(train)

@@ -10,7 +10,6 @@ The models are the 2-layer, 32-wide BERTs of conftest.py, so that the whole file
 import contextlib
 import functools
 import io
-import itertools
 import json
 import math
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 import full_finetune
-from conftest import ROOT, fit, labelled, subprocess_env, tiny_run_args
+from conftest import ROOT, fit, labelled, overflow_and_record, subprocess_env, tiny_run_args
 
 pytestmark = [
     pytest.mark.gpu,
@@ -111,25 +110,11 @@ def test_steps_the_fp16_scaler_skips_on_the_gpu_move_neither_weights_nor_schedul
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=1.0))
     trainer = new_trainer(DEVICE="cuda", EPOCHS=1, BATCH_SIZE=8, EMA_DECAY=0.9, MIXED_PRECISION="fp16")
     assert trainer.precision == "fp16"
-    steps, taken, learning_rates, averages, weights = [], [], [], [], []
-    window = itertools.count(1)
-    current = {"window": next(window)}
-    overflowing = {2, 3, 6}  # these windows' gradients are inf (their loss is not): the scaler skips them
-    head = trainer.model.classifier.weight
-    head.register_hook(lambda grad: grad * float("inf") if current["window"] in overflowing else grad)
-
-    def record(run):
-        current["window"] = next(window)
-        steps.append(run.step)
-        taken.append(run.stepped)
-        learning_rates.append(trainer.learning_rate(run.step, run))
-        averages.append(run.ema.average[0].clone())
-        weights.append(head.detach().clone())
-
-    trainer.step_hooks.append(record)
+    record = overflow_and_record(trainer, overflowing={2, 3, 6})  # the scaler skips these windows' steps
     fit(trainer, labelled())
-    assert steps == [1, 1, 1, 2, 3, 3, 4, 5, 6]  # windows 2, 3 and 6 took no optimizer step
-    assert taken == [True, False, False, True, True, False, True, True, True]
+    learning_rates, averages, weights = record["learning_rates"], record["averages"], record["head"]
+    assert record["steps"] == [1, 1, 1, 2, 3, 3, 4, 5, 6]  # windows 2, 3 and 6 took no optimizer step
+    assert record["taken"] == [True, False, False, True, True, False, True, True, True]
     for skipped in (1, 2, 5):  # weights, schedule and average stand still on a skipped step
         assert torch.equal(weights[skipped], weights[skipped - 1])
         assert learning_rates[skipped] == learning_rates[skipped - 1]

@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import full_finetune
 import runtime
 from config import FinetuneError
-from conftest import NAMES, config_for, fit, labelled
+from conftest import NAMES, config_for, fit, labelled, overflow_and_record
 from full_finetune import build_optimizer, lr_multiplier
 
 
@@ -158,25 +158,12 @@ def fp16_on_the_cpu(monkeypatch):
 def test_steps_the_fp16_scaler_skips_move_neither_the_schedule_nor_the_average(monkeypatch, new_trainer):
     fp16_on_the_cpu(monkeypatch)
     trainer = new_trainer(EPOCHS=1, BATCH_SIZE=8, EMA_DECAY=0.9, MIXED_PRECISION="fp16")  # 9 windows of 8 rows
-    steps, taken, learning_rates, averages = [], [], [], []
-    window = itertools.count(1)
-    current = {"window": next(window)}
-    overflowing = {2, 3, 6}  # these windows' gradients are inf (their loss is not): the scaler skips them
-    trainer.model.classifier.weight.register_hook(
-        lambda grad: grad * float("inf") if current["window"] in overflowing else grad)
-
-    def record(run):
-        current["window"] = next(window)
-        steps.append(run.step)
-        taken.append(run.stepped)
-        learning_rates.append(trainer.learning_rate(run.step, run))
-        averages.append(run.ema.average[0].clone())
-
-    trainer.step_hooks.append(record)
+    record = overflow_and_record(trainer, overflowing={2, 3, 6})  # the scaler skips these windows' steps
     fit(trainer, labelled())
+    learning_rates, averages = record["learning_rates"], record["averages"]
     assert trainer.precision == "fp16"
-    assert steps == [1, 1, 1, 2, 3, 3, 4, 5, 6]  # windows 2, 3 and 6 took no optimizer step
-    assert taken == [True, False, False, True, True, False, True, True, True]
+    assert record["steps"] == [1, 1, 1, 2, 3, 3, 4, 5, 6]  # windows 2, 3 and 6 took no optimizer step
+    assert record["taken"] == [True, False, False, True, True, False, True, True, True]
     for skipped in (1, 2, 5):  # the schedule and the average stand still on a skipped step
         assert learning_rates[skipped] == learning_rates[skipped - 1]
         assert torch.equal(averages[skipped], averages[skipped - 1])
