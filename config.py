@@ -278,7 +278,7 @@ class ModelConfigs:
     """Named presets: the settings that suit one model, on top of FullFinetuneConfig's defaults."""
 
     PRESETS = {
-        # The default itself: all-MiniLM-L6-v2 (offline, 22.7M parameters), mean pooling with a
+        # The default itself: all-MiniLM-L6-v2 (offline, 22.6M parameters), mean pooling with a
         # cosine head, layer-wise decay, label smoothing, frozen word embeddings and a weight
         # average; measured best per unit of time on CLINC150 (bench/RESULTS.md).
         "minilm": {},

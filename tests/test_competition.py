@@ -326,9 +326,8 @@ class StoppedInTheRefit(Trainer):
 
 def test_a_run_stopped_in_its_refit_resumes_there_and_ends_as_an_uninterrupted_one(monkeypatch, tmp_path,
                                                                                     tiny_model_dir, small_csv,
-                                                                                    test_csv, capsys):
-    straight = tmp_path / "straight"
-    assert full_finetune.main(tiny_run_args(tiny_model_dir, small_csv, straight, "--test", str(test_csv))) == 0
+                                                                                    test_csv, capsys, trained_run):
+    straight = trained_run  # the same command, uninterrupted
     out = tmp_path / "out"
     args = tiny_run_args(tiny_model_dir, small_csv, out, "--test", str(test_csv))
     with monkeypatch.context() as patch:
