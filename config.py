@@ -158,9 +158,6 @@ SETTINGS = (
     Setting("MIXED_PRECISION", "auto", choice("auto", "bf16", "fp16", "no"), "--precision",
             "auto: native bf16, else fp16 on a CUDA GPU, else fp32", may_change_on_resume=True),
     Setting("GROUP_BY_LENGTH", True, SWITCH, "--group-by-length", "batches of similar length: less padding"),
-    Setting("COMPILE", "auto", choice("auto", "yes", "no"), "--compile",
-            "torch.compile the model for training; auto: when the run is long enough to repay the compile time",
-            may_change_on_resume=True),
     Setting("FUSED_ADAMW", True, SWITCH, "--fused-adamw", "one fused kernel for the optimizer step"),
     Setting("EARLY_STOPPING_PATIENCE", 3, optional(whole(1)), "--patience",
             "epochs without improvement before stopping; None: never stop early"),
@@ -193,7 +190,7 @@ SETTINGS = (
             "with TEST_PATH: a fresh model trained on every labelled row for the chosen epochs writes the "
             "submission"),
     Setting("N_FOLDS", 5, whole(2), "--folds", "folds of the cv command", may_change_on_resume=True),
-    Setting("CV_SUBMISSION", "folds", choice("folds", "refit", "both"), "--cv-submission",
+    Setting("CV_SUBMISSION", "both", choice("folds", "refit", "both"), "--cv-submission",
             "cv with TEST_PATH: the fold models' average, one model refit on every row, or both averaged",
             may_change_on_resume=True),
     # Where and on what
@@ -211,9 +208,6 @@ def cross_setting_problems(config):
     if config.COSINE_HEAD_SCALE is not None and config.POOLING != "mean":
         yield (f"COSINE_HEAD_SCALE ({config.COSINE_HEAD_SCALE}) needs POOLING = \"mean\" (it is "
                f"{config.POOLING!r}); set COSINE_HEAD_SCALE = None for the [CLS] head.")
-    if config.COMPILE == "yes" and config.ADVERSARIAL_EPSILON:
-        yield ("COMPILE = 'yes' and ADVERSARIAL_EPSILON cannot go together: the adversarial pass changes the "
-               "embeddings through a hook that a compiled model would not run; set COMPILE = 'auto' or 'no'.")
     if config.TEXT_COLUMN == config.LABEL_COLUMN:
         yield (f"TEXT_COLUMN and LABEL_COLUMN are both {config.TEXT_COLUMN!r}; the texts and the labels must be "
                "two different columns.")

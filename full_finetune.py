@@ -49,8 +49,6 @@ word-embedding table. Features, and what each costs:
   weights, validated and kept instead of the raw ones (one more copy of the weights, ~3% of a
   step); adversarial training, FGM (ADVERSARIAL_EPSILON: a second forward and backward pass per
   batch, ~2x the time).
-- torch.compile of the training model (COMPILE "auto": runs of COMPILE_FROM_STEPS steps or more,
-  where the compile time is repaid; about a minute or two of compiling on a CPU).
 - Validation every epoch, early stopping on the competition's METRIC, the best epoch's weights
   kept (one copy in CPU memory) and restored at the end.
 - After training: a temperature fitted on the validation split, folded into the model so that
@@ -73,8 +71,8 @@ word-embedding table. Features, and what each costs:
   from every rank, a stop request agreed one step after it arrives.
 
 Refused up front, with one sentence (FinetuneError) and exit status 2: a setting of the wrong type
-or out of range, or settings that cannot go together (config.validate: COMPILE "yes" with FGM, the
-same column for texts and labels), MAX_LENGTH above the model's limit, a device torch does not
+or out of range, or settings that cannot go together (config.validate: the same column for texts
+and labels), MAX_LENGTH above the model's limit, a device torch does not
 have, an output folder that cannot be written, holds files this program did not write or is in
 use by another run, a data or test file that is missing, not a regular file, not UTF-8, lacks the
 configured columns or names one twice, or has a class too small to appear in every split, a
@@ -120,7 +118,6 @@ from runtime import (
     OutputFolder,
     StopAgreement,
     autocast_context,
-    can_compile,
     choose_device,
     choose_precision,
     device_errors,
@@ -180,9 +177,6 @@ def is_output_name(name):
 PACKAGED_MODEL_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 CHECKPOINT_FORMAT = 3
 SKIPPED_STEPS_LIMIT = 30  # fp16 steps skipped in a row before the run is declared diverged
-# COMPILE "auto" compiles runs of at least this many optimizer steps: below, the compile time is
-# not repaid (bench/RESULTS.md, "torch.compile").
-COMPILE_FROM_STEPS = 2000
 FOCUS_FROM_CLASSES = 25  # above this many classes, the confusions get a figure of their own
 
 
@@ -1301,13 +1295,8 @@ class Trainer:
         steps_per_epoch = math.ceil(len(sampler) / config.GRADIENT_ACCUMULATION_STEPS)
         total_steps = steps_per_epoch * config.EPOCHS
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        model = for_processes(self.model, self.device, self.world_size)
-        if compiles(config, total_steps, self.device):  # the training forward and backward only
-            print(f"Compiling the model for {total_steps} optimizer steps (torch.compile; the first steps wait "
-                  "for it).")
-            model = torch.compile(model, dynamic=True)
         run = TrainingRun(
-            model=model, sampler=sampler,
+            model=for_processes(self.model, self.device, self.world_size), sampler=sampler,
             optimizer=build_optimizer(self.model, config, self.device),
             scaler=torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"),
             ema=EMA(trained, config.EMA_DECAY) if config.EMA_DECAY else None,
@@ -1694,15 +1683,6 @@ class Trainer:
 # What a saved model folder keeps of its run's settings, for predict and evaluate: how texts were
 # cut, and the metric the model was chosen by (and the labels' order for it).
 SAVED_SETTINGS = ("TRUNCATION", "METRIC", "LABEL_ORDER")
-
-
-def compiles(config, total_steps, device):
-    """Whether fit compiles the model (COMPILE): never with adversarial training (its hook would
-    not run in a compiled graph), and on "auto" only for a run long enough to repay the compile
-    time, on a device torch can compile for."""
-    if config.COMPILE == "no" or config.ADVERSARIAL_EPSILON:
-        return False
-    return config.COMPILE == "yes" or (total_steps >= COMPILE_FROM_STEPS and can_compile(device))
 
 
 def for_processes(model, device, world_size):

@@ -121,14 +121,6 @@ def device_errors(device):
         raise FinetuneError(f"Apple's MPS could not run this ({first_line}); run again with --device cpu.") from None
 
 
-def can_compile(device):
-    """Whether torch.compile can build kernels for `device`: on a CUDA GPU (Triton), or on a CPU with
-    a C++ compiler (g++ or clang++; Microsoft's cl on Windows). Apple's MPS is left to eager mode."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and any(shutil.which(name) for name in ("g++", "c++", "clang++", "cl"))
-
-
 def pins_memory(device):
     """Whether batches go through pinned host memory: on a CUDA GPU, where it lets the copy to the
     device overlap compute (elsewhere non_blocking copies gain nothing from it)."""

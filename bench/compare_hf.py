@@ -173,8 +173,6 @@ def build_parser():
                              "hf_cls is the peers' own recipe)")
     parser.add_argument("--no-group-by-length", action="store_true", help="ours: GROUP_BY_LENGTH = False")
     parser.add_argument("--no-fused", action="store_true", help="ours: FUSED_ADAMW = False")
-    parser.add_argument("--ours-compile", choices=("auto", "yes", "no"), default="auto",
-                        help="ours: COMPILE (default: %(default)s; its compile time counts in the first epoch)")
     parser.add_argument("--hf-workers", type=int, default=0,
                         help="hf_tuned: dataloader_num_workers (persistent when above 0; default: %(default)s)")
     parser.add_argument("--peak-repeats", type=int, default=10,
@@ -495,7 +493,6 @@ def child_ours(args):
     config.MIXED_PRECISION = args.ours_precision
     config.GROUP_BY_LENGTH = not args.no_group_by_length
     config.FUSED_ADAMW = not args.no_fused
-    config.COMPILE = args.ours_compile
     config.DEVICE = "auto" if args.device == "auto" else "cpu"  # auto: the child's one visible GPU, else the CPU
     # Our Trainer writes a resumable checkpoint at the end of every epoch (and, where the config
     # has SAVE_EVERY_STEPS, every N steps) into OUTPUT_DIR: send it to a temporary folder, never

@@ -94,7 +94,7 @@ WRONG_VALUES = {
     "MIXED_PRECISION": ["fp8", None, True], "GROUP_BY_LENGTH": [0, "no"], "FUSED_ADAMW": [None, 1],
     "EARLY_STOPPING_PATIENCE": [0, 1.5], "METRIC": ["f1", "val_loss", None],
     "LABEL_ORDER": ["a,b", ["a"], ["a", "a"], ["a", ""], [1, 2]], "TRUNCATION": ["middle", None],
-    "REFIT": [1, "yes"], "COMPILE": [True, "on", None], "CV_SUBMISSION": ["mean", None],
+    "REFIT": [1, "yes"], "CV_SUBMISSION": ["mean", None],
     "SAMPLE_SUBMISSION": [3, ""], "SAVE_EVERY_STEPS": [0, 2.5],
     "LOG_EVERY_STEPS": [0, None], "REPORT_TO": ["wandb", None], "DATA_PATH": [None, 3, ""],
     "TEST_PATH": [3, ""], "TEXT_COLUMN": [None, "", 1], "LABEL_COLUMN": [None, " "], "TRAIN_RATIO": [0, 1, 1.2],

@@ -12,8 +12,6 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import full_finetune
-import runtime
-from config import FinetuneError
 from conftest import NAMES, config_for, fit, labelled, overflow_and_record
 from full_finetune import build_optimizer, lr_multiplier
 
@@ -263,34 +261,6 @@ def test_fit_drops_the_optimizer_and_the_loaded_checkpoint_when_it_returns(monke
         assert held["checkpoint"]() is None and held["optimizer"]() is None
     finally:
         gc.enable()
-
-
-def test_compile_is_for_runs_long_enough_to_repay_it_and_never_with_adversarial_training(monkeypatch, new_trainer,
-                                                                                      capsys):
-    cpu, cuda, mps = (torch.device(kind) for kind in ("cpu", "cuda", "mps"))
-    long_run = full_finetune.COMPILE_FROM_STEPS
-    assert full_finetune.compiles(config_for(), long_run, cpu) and full_finetune.compiles(config_for(), long_run, cuda)
-    assert not full_finetune.compiles(config_for(), long_run - 1, cpu)
-    assert not full_finetune.compiles(config_for(), long_run, mps)
-    assert not full_finetune.compiles(config_for(ADVERSARIAL_EPSILON=0.5), long_run, cpu)
-    assert full_finetune.compiles(config_for(COMPILE="yes"), 10, cpu)
-    assert not full_finetune.compiles(config_for(COMPILE="no"), 10**6, cpu)
-    with monkeypatch.context() as patch:  # a Windows laptop without Microsoft's C++ compiler
-        patch.setattr(runtime.shutil, "which", lambda name: None)
-        assert not full_finetune.compiles(config_for(), long_run, cpu)
-        assert full_finetune.compiles(config_for(), long_run, cuda)
-    with pytest.raises(FinetuneError, match="COMPILE = 'yes' and ADVERSARIAL_EPSILON cannot go together"):
-        config_for(COMPILE="yes", ADVERSARIAL_EPSILON=0.5).validate()
-    compiled = []
-
-    def compile_(model, **options):  # records what fit compiles, and runs it as it is
-        compiled.append((model, options))
-        return model
-
-    monkeypatch.setattr(torch, "compile", compile_)
-    trainer = new_trainer(EPOCHS=1, COMPILE="yes")
-    fit(trainer, labelled(rows_per_class=4))
-    assert compiled == [(trainer.model, {"dynamic": True})] and "Compiling the model" in capsys.readouterr().out
 
 
 def test_loaders_pin_memory_as_the_trainer_says_and_the_trainer_says_so_for_cuda_only(monkeypatch, new_trainer):
