@@ -1671,13 +1671,20 @@ class Trainer:
         # The tokenizer keeps MAX_LENGTH and cuts from the side training did (pipeline() keeps a
         # text's tail for TRUNCATION "tail"; "head_tail" only predict can do); the config keeps
         # what a later predict or evaluate must know of the run (SAVED_SETTINGS).
-        self.tokenizer.model_max_length = self.config.MAX_LENGTH
-        self.tokenizer.truncation_side = "left" if self.config.TRUNCATION == "tail" else "right"
         self.model.config.full_finetune_settings = {name: getattr(self.config, name) for name in SAVED_SETTINGS}
         register_mean_pooling_head()
-        with quiet_transformers():
-            self.model.save_pretrained(directory)
-            self.tokenizer.save_pretrained(directory)
+        saved = {"model_max_length": self.config.MAX_LENGTH,
+                 "truncation_side": "left" if self.config.TRUNCATION == "tail" else "right"}
+        kept = {name: getattr(self.tokenizer, name) for name in saved}  # the tokenizer itself is left as it was
+        try:
+            for name, value in saved.items():
+                setattr(self.tokenizer, name, value)
+            with quiet_transformers():
+                self.model.save_pretrained(directory)
+                self.tokenizer.save_pretrained(directory)
+        finally:
+            for name, value in kept.items():
+                setattr(self.tokenizer, name, value)
 
 
 # What a saved model folder keeps of its run's settings, for predict and evaluate: how texts were

@@ -219,7 +219,8 @@ def test_train_predict_and_cv_copy_the_sample_submission_exactly(competition, ti
     check_submission(folder / "p.csv", kind, texts, order, model.predict)
     cv = folder / "cv"
     assert full_finetune.main(["cv", "--folds", "2", *tiny_run_args(tiny_model_dir, small_csv, cv, "--epochs", "1"),
-                               "--test", str(folder / "test.csv"), "--sample-submission", str(sample)]) == 0
+                               "--test", str(folder / "test.csv"), "--sample-submission", str(sample),
+                               "--cv-submission", "folds"]) == 0
     folds = [Trainer.from_pretrained(cv / f"fold_{k}" / "full_finetune_model", progress=False) for k in (1, 2)]
 
     def ensemble(batch):

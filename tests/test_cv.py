@@ -37,7 +37,7 @@ def cv_run(tmp_path_factory, cv_data, tiny_model_dir):
     args = ["cv", "--folds", "3", "--model", str(tiny_model_dir), "--data", str(cv_data / "train.csv"),
             "--output-dir", str(out), "--epochs", "10", "--max-length", "32", "--lr", "3e-3", "--batch-size", "16",
             "--no-freeze-word-embeddings",  # the tiny model's word embeddings are random, not pre-trained
-            "--test", str(cv_data / "test.csv")]
+            "--test", str(cv_data / "test.csv"), "--cv-submission", "folds"]
     assert full_finetune.main(args) == 0
     return out, args
 
@@ -177,7 +177,8 @@ def test_reused_folds_predict_a_new_test_file(cv_run, monkeypatch, tmp_path):
     test_path = tmp_path / "other_test.csv"
     pd.DataFrame({"id": [1, 2], "text": ["money back", "how much"]}).to_csv(test_path, index=False)
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("no fold should train again"))
-    assert full_finetune.main([*args[:-1], str(test_path)]) == 0
+    test_at = args.index("--test") + 1
+    assert full_finetune.main([*args[:test_at], str(test_path), *args[test_at + 1:]]) == 0
     assert list(pd.read_csv(out / "submission.csv")["id"]) == [1, 2]
 
 

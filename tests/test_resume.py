@@ -114,7 +114,7 @@ MUST_MATCH = {
 # ... and what it may change, since it cannot change what is trained.
 MAY_CHANGE = {
     "EVAL_BATCH_SIZE": 7, "MIXED_PRECISION": "auto", "SAVE_EVERY_STEPS": 3, "LOG_EVERY_STEPS": 2,
-    "REPORT_TO": "tensorboard", "TEST_PATH": "test.csv", "N_FOLDS": 3, "CV_SUBMISSION": "both",
+    "REPORT_TO": "tensorboard", "TEST_PATH": "test.csv", "N_FOLDS": 3, "CV_SUBMISSION": "refit",
     "SAMPLE_SUBMISSION": "sample_submission.csv", "OUTPUT_DIR": "elsewhere", "DEVICE": "cpu",
 }
 
