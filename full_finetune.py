@@ -62,7 +62,7 @@ word-embedding table. Features, and what each costs:
 - A data audit before training: balance, token lengths, duplicates, conflicting labels.
 - Where the time went (data and model, training, validation, checkpoints, calibration, refit,
   predicting, writing), in the console and metrics.json.
-- Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about 3.4 times the
+- Resumable checkpoints every epoch and every SAVE_EVERY_STEPS steps (disk: about 3.5 times the
   weights with the default recipe); SIGINT/SIGTERM finish the step, save and exit.
 - Outputs are written into a staging folder and replace the last run's set together once the run
   has succeeded; a run that fails or is killed never changes an earlier run's outputs (a kill
