@@ -135,6 +135,19 @@ def test_two_classes_get_the_threshold_that_maximises_the_metric(new_trainer, tm
     assert threshold != 0.5 and (full_finetune.decide(probabilities, threshold) == (positive >= threshold)).all()
 
 
+def test_predict_and_evaluate_decide_two_classes_by_the_threshold(tokenizer):
+    from conftest import config_for, tiny_bert
+
+    trainer = Trainer(config_for(), ["no", "yes"], model=tiny_bert(tokenizer, num_labels=2), tokenizer=tokenizer,
+                      progress=False)
+    texts = ["where is my parcel", "how much is it", "refund my money", "hi"]
+    dataset = trainer.dataset(full_finetune.Split(texts, [1, 1, 1, 0]))
+    for threshold, expected in ((0.0, "yes"), (1.0 + 1e-9, "no")):  # every row, or no row, reaches it
+        trainer.threshold = threshold
+        assert trainer.predict(texts)[0] == [expected] * 4
+        assert trainer.evaluate(dataset)["accuracy"] == (0.75 if expected == "yes" else 0.25)
+
+
 def test_a_binary_run_tunes_its_threshold_and_every_prediction_uses_it(tmp_path, tiny_model_dir):
     frame = make_rows(40)
     frame["label"] = np.where(frame["label"] == "refund", "refund", "other")  # one class against the rest
