@@ -1662,9 +1662,6 @@ class Trainer:
 
     # -- saving ------------------------------------------------------------------------------
 
-    def save_state_dict(self, path):
-        save_torch({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, path)
-
     def save_pretrained(self, directory):
         """Model, tokenizer and label names in a folder that transformers loads on its own: the
         mean-pooling head's code goes with it, named in config.json's auto_map."""
